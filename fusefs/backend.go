@@ -1,0 +1,95 @@
+package fusefs
+
+import "github.com/sparsedisk/sparsedisk/blockif"
+
+// Backend is the block device the mount exposes as one file. *blockif.Disk
+// satisfies it. Implementations must be safe for concurrent use: the mount
+// calls every method from many goroutines at once.
+type Backend interface {
+	// ReadAt reads len(p) bytes at off; the mount never asks past Size.
+	ReadAt(p []byte, off int64) (int, error)
+	// WriteAt writes p at off; the mount never asks past Size.
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every write completed before the call durable.
+	Flush() error
+	// Trim deallocates [off, off+n): it reads as zeros afterwards.
+	Trim(off, n int64) error
+	// WriteZeroes makes [off, off+n) read as zeros.
+	WriteZeroes(off, n int64) error
+	// Extents describes [off, off+n) exactly, in order, as allocated and
+	// unallocated (reads-as-zeros) runs.
+	Extents(off, n int64) ([]blockif.Extent, error)
+	// Size is the fixed size of the disk in bytes.
+	Size() int64
+	// ReadOnly reports whether writes are refused.
+	ReadOnly() bool
+}
+
+// AllocatedByteser is an optional Backend extension: a cheap count of the
+// bytes the image holds allocated, used for st_blocks and statfs. Backends
+// without it are asked for Extents over the whole disk instead.
+type AllocatedByteser interface {
+	AllocatedBytes() (int64, error)
+}
+
+// allocatedBytes returns the backend's allocated byte count.
+func allocatedBytes(b Backend) (int64, error) {
+	if a, ok := b.(AllocatedByteser); ok {
+		return a.AllocatedBytes()
+	}
+	var total int64
+	size := b.Size()
+	for off := int64(0); off < size; off += extentWindow {
+		n := min(extentWindow, size-off)
+		ext, err := b.Extents(off, n)
+		if err != nil {
+			return 0, err
+		}
+		for _, e := range ext {
+			if e.Allocated {
+				total += e.Length
+			}
+		}
+	}
+	return total, nil
+}
+
+// extentWindow bounds one Extents query, so that seeking on a large, mostly
+// allocated disk does not build one huge extent list.
+const extentWindow = 1 << 30
+
+// seekData returns the first offset >= off that lies in allocated data, or
+// ENXIO-equivalent ok=false when there is none before the end.
+func seekData(b Backend, off int64) (int64, bool, error) {
+	return seekKind(b, off, true)
+}
+
+// seekHole returns the first offset >= off that lies in a hole; the end of
+// the disk counts as a hole, so it always succeeds for off < Size.
+func seekHole(b Backend, off int64) (int64, error) {
+	pos, ok, err := seekKind(b, off, false)
+	if err != nil {
+		return 0, err
+	}
+	if !ok {
+		return b.Size(), nil
+	}
+	return pos, nil
+}
+
+func seekKind(b Backend, off int64, allocated bool) (int64, bool, error) {
+	size := b.Size()
+	for w := off; w < size; w += extentWindow {
+		n := min(extentWindow, size-w)
+		ext, err := b.Extents(w, n)
+		if err != nil {
+			return 0, false, err
+		}
+		for _, e := range ext {
+			if e.Allocated == allocated && e.Length > 0 {
+				return max(e.Offset, off), true, nil
+			}
+		}
+	}
+	return 0, false, nil
+}

@@ -1,0 +1,84 @@
+// Package fusefs exposes a sparsedisk image through FUSE as one ordinary,
+// fixed-size regular file, so that every tool taking a raw image (qemu
+// format=raw, losetup plus a real file system, dd, cp --sparse, backup
+// tools) can use it. It is built on github.com/hanwen/go-fuse/v2 and named
+// fusefs so it does not clash with go-fuse's own fuse and fs packages.
+//
+// # Design
+//
+// The mount root is a directory holding exactly one regular file whose
+// size is the disk size. The file is backed by a [Backend], a small
+// interface (ReadAt, WriteAt, Flush, Trim, WriteZeroes, Extents, Size,
+// ReadOnly) that *blockif.Disk satisfies; tests also use an in-memory one.
+// File operations map one to one onto it:
+//
+//   - read/write at any offset inside the disk. A write starting at or past
+//     the end fails with ENOSPC; one straddling the end is cut short there,
+//     as on a block device. The file never grows.
+//   - fsync and fdatasync both call Backend.Flush, which is global: every
+//     write acknowledged before the fsync, through any descriptor, is
+//     durable when it returns (the engine's durability contract).
+//   - close(2) (FUSE FLUSH) does not flush the engine; close promises no
+//     durability and tools that open and close often would pay a sync each
+//     time. Unmounting and closing the image do flush.
+//   - fallocate(PUNCH_HOLE|KEEP_SIZE) is Trim; fallocate(ZERO_RANGE), with
+//     or without KEEP_SIZE, is WriteZeroes. Both free the space. Other modes,
+//     plain preallocation included, are EOPNOTSUPP (there is nothing to
+//     reserve: space is taken on first non-zero write).
+//   - lseek(SEEK_DATA/SEEK_HOLE) is answered from Backend.Extents, so
+//     cp --sparse, qemu-img and tar skip holes without reading them.
+//   - st_blocks counts the image's allocated bytes, so du is truthful; statfs
+//     reports the disk size as the total and the allocated bytes as used.
+//   - truncate (and open with O_TRUNC) to any size other than the current
+//     one fails with EPERM ([ErrSizeFixed]): the size belongs to the image
+//     and changes only through an explicit offline resize. Owner changes
+//     are EPERM too; mode and times may change and live as long as the
+//     mount.
+//   - a read-only mount (or image) is mounted "ro" and also refuses opens
+//     for writing, writes and fallocate itself with EROFS.
+//
+// Engine errors reach applications through one translator, [Errno]:
+// read-only → EROFS, out of range and a full host disk → ENOSPC, quota →
+// EDQUOT, invalid arguments → EINVAL, corruption and anything unknown → EIO.
+//
+// Kernel caching is chosen for a disk, not for a document. Every open gets
+// FOPEN_DIRECT_IO: reads and writes bypass the FUSE page cache and reach
+// the engine as issued, in requests of up to 1 MiB (max_write and max_read
+// are [MaxWrite]). The engine already sits on the host page cache of its
+// segment files, so a second cache above it would only double the memory
+// and the copies; the guests and file systems that use disk images run
+// their own caches anyway. With direct I/O:
+//
+//   - FOPEN_PARALLEL_DIRECT_WRITES is set, otherwise the kernel takes the
+//     inode lock for each write and serialises them.
+//   - CAP_ASYNC_DIO is requested so libaio and io_uring keep several
+//     requests in flight (max_background is raised from 12 to 64).
+//   - CAP_DIRECT_IO_ALLOW_MMAP is requested, without which the kernel
+//     refuses shared writable mmap on a direct-I/O file (Linux 6.6 and
+//     later grant it). Pages of such a mapping do live in the page cache;
+//     msync or fsync writes them back before the FSYNC request reaches
+//     us, so fsync covers mapped writes too.
+//
+// What fsync guarantees: a write(2) returns only after the engine's WriteAt
+// returned, so no acknowledged data sits in a kernel cache of ours; fsync
+// then makes all of it durable. Without fsync, data written is in the
+// engine (the host page cache of its segment files), survives the mount
+// process being killed, but not a host crash. With the --sync option of the
+// command (blockif Options.Sync) every write is durable before it returns.
+//
+// The attribute timeout is one second (the size never changes, st_blocks
+// may lag by that much); the single directory entry is cached for an hour.
+// Xattrs are disabled. The mount uses default_permissions so the kernel
+// enforces the file's mode bits, which matters with allow_other.
+//
+// # Concurrency
+//
+// go-fuse serves each request on its own goroutine and the kernel issues
+// reads and writes in parallel (async reads, parallel direct writes, async
+// direct I/O), so a Backend must be safe for concurrent use; the package
+// adds no lock on the data path. Ordering between overlapping concurrent
+// requests is whatever the Backend gives, as on a real disk. The only
+// mutable state of the file is cosmetic (mode, atime under a mutex, mtime in
+// an atomic). [Mount] is safe for concurrent use; [Errno] is a pure
+// function.
+package fusefs

@@ -1,0 +1,172 @@
+package fusefs
+
+import (
+	"fmt"
+	"log"
+	"log/slog"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+)
+
+// MaxWrite is the largest read or write request the kernel sends: 1 MiB,
+// the Linux FUSE cap (256 pages).
+const MaxWrite = 1 << 20
+
+// maxBackground is how many asynchronous requests (libaio / io_uring direct
+// I/O, readahead) the kernel keeps in flight. The kernel default of 12 caps
+// iodepth-16 workloads.
+const maxBackground = 64
+
+// Options configure Mount. The zero value is usable apart from Name.
+type Options struct {
+	// Name is the file name inside the mount point. Required.
+	Name string
+	// ReadOnly mounts read-only even when the Backend is writable. A
+	// read-only Backend always gives a read-only mount.
+	ReadOnly bool
+	// AllowOther lets users other than the mounting one see the mount
+	// (the FUSE allow_other option; non-root needs user_allow_other in
+	// /etc/fuse.conf). Permission bits are enforced by the kernel
+	// (default_permissions) either way.
+	AllowOther bool
+	// FsName is shown as the source in /proc/mounts and df; default "sparsedisk".
+	FsName string
+	// Logger receives request errors; nil discards them.
+	Logger *slog.Logger
+	// Debug logs every FUSE request (very verbose) through Logger.
+	Debug bool
+}
+
+// Mount is a mounted disk. Its methods are safe for concurrent use.
+type Mount struct {
+	dir    string
+	server *fuse.Server
+	file   *diskFile
+}
+
+// New mounts b at dir, which must be an existing directory, as the single
+// file o.Name, and starts serving in the background. Call Wait to block
+// until the file system is unmounted (by Unmount, umount(8) or
+// fusermount3 -u).
+func New(dir string, b Backend, o *Options) (*Mount, error) {
+	if o == nil {
+		o = &Options{}
+	}
+	if err := checkName(o.Name); err != nil {
+		return nil, err
+	}
+	st, err := os.Stat(dir)
+	if err != nil || !st.IsDir() {
+		if err == nil {
+			err = fmt.Errorf("%s: %w", dir, syscall.ENOTDIR)
+		}
+		return nil, fmt.Errorf("%w: %w", ErrNoMountpoint, err)
+	}
+	if fd, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrNoFUSE, err)
+	} else {
+		fd.Close()
+	}
+	logger := o.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	ro := o.ReadOnly || b.ReadOnly()
+	now := time.Now()
+	f := &diskFile{
+		b:        b,
+		name:     o.Name,
+		readOnly: ro,
+		log:      logger,
+		uid:      uint32(os.Getuid()),
+		gid:      uint32(os.Getgid()),
+		started:  now,
+		mode:     0o644,
+		atime:    now,
+	}
+	if ro {
+		f.mode = 0o444
+	}
+	f.mtime.Store(now.UnixNano())
+	fsName := o.FsName
+	if fsName == "" {
+		fsName = "sparsedisk"
+	}
+	mountOpts := []string{"default_permissions"}
+	if ro {
+		mountOpts = append(mountOpts, "ro")
+	}
+	entryTimeout := time.Hour // the one name never changes
+	attrTimeout := time.Second
+	opts := &fs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:    o.AllowOther,
+			Options:       mountOpts,
+			MaxWrite:      MaxWrite,
+			MaxBackground: maxBackground,
+			FsName:        fsName,
+			Name:          "sparsedisk",
+			DirectMount:   true, // falls back to fusermount3 when not permitted
+			DisableXAttrs: true,
+			Debug:         o.Debug,
+			Logger:        log.New(slogWriter{logger}, "", 0),
+			// Direct I/O on the file, yet shared mmap must work: the
+			// kernel allows it only with this capability. ASYNC_DIO lets
+			// libaio/io_uring keep several direct requests in flight.
+			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_ASYNC_DIO,
+		},
+		EntryTimeout:    &entryTimeout,
+		AttrTimeout:     &attrTimeout,
+		NegativeTimeout: &entryTimeout,
+		UID:             f.uid,
+		GID:             f.gid,
+	}
+	server, err := fs.Mount(dir, &root{file: f}, opts)
+	if err != nil {
+		return nil, fmt.Errorf("sparsedisk/fusefs: mount %s: %w", dir, err)
+	}
+	return &Mount{dir: dir, server: server, file: f}, nil
+}
+
+func checkName(name string) error {
+	if name == "" || name == "." || name == ".." || strings.ContainsAny(name, "/\x00") || len(name) > 255 {
+		return fmt.Errorf("%w: %q", ErrBadName, name)
+	}
+	return nil
+}
+
+// Dir returns the mount point.
+func (m *Mount) Dir() string { return m.dir }
+
+// Path returns the path of the disk file inside the mount point.
+func (m *Mount) Path() string { return m.dir + "/" + m.file.name }
+
+// ReadOnly reports whether the mount refuses writes.
+func (m *Mount) ReadOnly() bool { return m.file.readOnly }
+
+// Wait blocks until the file system is unmounted and every request has
+// been answered.
+func (m *Mount) Wait() { m.server.Wait() }
+
+// Unmount asks the kernel to unmount. It fails with EBUSY while the file is
+// open or the mount point is some process's working directory; Wait returns
+// once it succeeds.
+func (m *Mount) Unmount() error {
+	if err := m.server.Unmount(); err != nil {
+		return fmt.Errorf("sparsedisk/fusefs: unmount %s: %w", m.dir, err)
+	}
+	return nil
+}
+
+// slogWriter adapts go-fuse's *log.Logger output to slog at debug level.
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.l.Debug(strings.TrimRight(string(p), "\n"), "component", "go-fuse")
+	return len(p), nil
+}
