@@ -1,0 +1,81 @@
+package blockif
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+)
+
+// Adopt writes a descriptor for an image made by xhyve, which keeps its
+// parameters only on the hypervisor's command line. It first checks them
+// against the files: every segment present, the LUT exactly one entry per
+// sector, every entry inside its segment file. Nothing is written unless
+// all of that holds.
+func Adopt(path string, p Params, o *Options) error {
+	fsys := o.fs()
+	if p.Layout == "" {
+		p.Layout = LayoutSparse
+	}
+	if p.Layout == LayoutRaw {
+		return fmt.Errorf("%w: a raw image needs no adoption", ErrInvalid)
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	if _, err := fsys.Stat(path); err == nil {
+		return fmt.Errorf("%w: %s (already has a descriptor)", ErrExist, path)
+	}
+	for i := 0; i < p.Segments(); i++ {
+		name := segment.Name(path, i)
+		fi, err := fsys.Stat(name)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("%w: segment file %s is missing: size %d with split %d needs %d segments", ErrInvalid, name, p.Size, p.Split, p.Segments())
+			}
+			return err
+		}
+		if want := min(p.Split, p.Size-int64(i)*p.Split); p.Layout == LayoutSplit && fi.Size() > want {
+			return fmt.Errorf("%w: segment file %s is %d bytes, more than split %d allows", ErrInvalid, name, fi.Size(), want)
+		}
+	}
+	if fi, err := fsys.Stat(segment.Name(path, p.Segments())); err == nil && fi.Size() > 0 {
+		return fmt.Errorf("%w: segment file %s holds data beyond size %d: is size right?", ErrInvalid, segment.Name(path, p.Segments()), p.Size)
+	}
+	if p.Layout == LayoutSparse {
+		name := path + lut.Suffix
+		fi, err := fsys.Stat(name)
+		if err != nil {
+			return fmt.Errorf("%w: LUT: %w", ErrInvalid, err)
+		}
+		if want := p.Sectors() * lut.EntrySize; fi.Size() != want {
+			return fmt.Errorf("%w: LUT %s is %d bytes (%d entries), but size %d / sectorsize %d needs %d entries (%d bytes): check size= and sectorsize=",
+				ErrInvalid, name, fi.Size(), fi.Size()/lut.EntrySize, p.Size, p.SectorSize, p.Sectors(), want)
+		}
+		t, err := lut.Open(fsys, name, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, true)
+		if err != nil {
+			return err
+		}
+		defer t.Close()
+		for i := 0; i < p.Segments(); i++ {
+			s, err := t.Load(i)
+			if err != nil {
+				return err
+			}
+			fi, err := fsys.Stat(segment.Name(path, i))
+			if err != nil {
+				return err
+			}
+			slots := fi.Size() / p.SectorSize
+			for j, v := range s.E {
+				if v != lut.Unallocated && int64(v) >= slots {
+					return fmt.Errorf("%w: segment %d sector %d: LUT entry %d is past the end of %s (%d slots): check split= and sectorsize=",
+						ErrInvalid, i, s.First+int64(j), v, segment.Name(path, i), slots)
+				}
+			}
+		}
+	}
+	return WriteDescriptor(fsys, path, Descriptor{Params: p, State: StateClean})
+}

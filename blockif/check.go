@@ -1,0 +1,278 @@
+package blockif
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"strings"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+)
+
+// FindingKind classifies a Check finding.
+type FindingKind string
+
+const (
+	// Leak: a slot that holds data but that no LUT entry references. It
+	// wastes space and nothing else; shrink or `check -r leaks` reclaims it.
+	Leak FindingKind = "leak"
+	// Corruption: an inconsistency that can return wrong data or lose it.
+	Corruption FindingKind = "corruption"
+)
+
+// Finding is one problem found by Check. Segment, Sector and Slot are -1
+// where they do not apply.
+type Finding struct {
+	Kind    FindingKind `json:"kind"`
+	File    string      `json:"file,omitempty"`
+	Segment int         `json:"segment"`
+	Sector  int64       `json:"sector"`
+	Slot    int64       `json:"slot"`
+	Count   int64       `json:"count"` // slots or sectors concerned, from Slot/Sector on
+	Message string      `json:"message"`
+}
+
+func (f Finding) String() string {
+	var b strings.Builder
+	b.WriteString(string(f.Kind))
+	if f.Segment >= 0 {
+		fmt.Fprintf(&b, " segment %d", f.Segment)
+	}
+	if f.Sector >= 0 {
+		fmt.Fprintf(&b, " sector %d", f.Sector)
+	}
+	if f.Slot >= 0 {
+		fmt.Fprintf(&b, " slot %d", f.Slot)
+	}
+	if f.Count > 1 {
+		fmt.Fprintf(&b, " (+%d more)", f.Count-1)
+	}
+	fmt.Fprintf(&b, ": %s", f.Message)
+	if f.File != "" {
+		fmt.Fprintf(&b, " [%s]", f.File)
+	}
+	return b.String()
+}
+
+// Report is the result of Check.
+type Report struct {
+	Image       string    `json:"image"`
+	Layout      Layout    `json:"layout"`
+	Findings    []Finding `json:"findings"`
+	Corruptions int       `json:"corruptions"`
+	Leaks       int       `json:"leaks"`
+	LeakedSlots int64     `json:"leaked_slots"`
+	// AllocatedSectors counts LUT entries that reference a slot.
+	AllocatedSectors int64 `json:"allocated_sectors"`
+	// Slots counts slots in all segment files (live, leaked or punched).
+	Slots int64 `json:"slots"`
+	// Fragments counts places where logically consecutive allocated
+	// sectors do not sit in consecutive slots (0 after shrink).
+	Fragments int64 `json:"fragments"`
+}
+
+// Clean tells whether nothing at all was found.
+func (r *Report) Clean() bool { return len(r.Findings) == 0 }
+
+func (r *Report) add(f Finding) {
+	switch f.Kind {
+	case Corruption:
+		r.Corruptions++
+	case Leak:
+		r.Leaks++
+		r.LeakedSlots += max(f.Count, 1)
+	}
+	r.Findings = append(r.Findings, f)
+}
+
+func (r *Report) firstCorruption() string {
+	for _, f := range r.Findings {
+		if f.Kind == Corruption {
+			return f.String()
+		}
+	}
+	return ""
+}
+
+// Check opens the image at path read-only (shared lock) and checks it
+// without changing a byte. Unlike Open it reports a broken image through
+// the Report where it can (missing segments, bad LUT entries, a truncated
+// LUT) instead of failing.
+func Check(path string, o *Options) (*Report, error) {
+	oo := Options{ReadOnly: true, NoDirtyCheck: true}
+	if o != nil {
+		oo.FS, oo.Logger = o.FS, o.Logger
+	}
+	fsys := oo.fs()
+	d, err := Open(path, &oo)
+	if err != nil {
+		if !errors.Is(err, ErrCorrupt) {
+			return nil, err
+		}
+		// Structural corruption: report it from the descriptor alone.
+		desc, derr := ReadDescriptor(fsys, path)
+		if derr != nil {
+			return nil, err
+		}
+		r := &Report{Image: path, Layout: desc.Layout}
+		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Message: err.Error()})
+		return r, nil
+	}
+	defer d.Close()
+	return d.Check()
+}
+
+// Check checks the open image: every LUT entry against its segment file,
+// slots shared by two entries, unreferenced slots holding data (leaks),
+// and segment files beyond the geometry. On a Disk with writes in flight
+// the result may include findings that are only transient.
+func (d *Disk) Check() (*Report, error) {
+	if err := d.enter(); err != nil {
+		return nil, err
+	}
+	defer d.leave()
+	return d.check(nil)
+}
+
+// check walks every segment; visit, if not nil, is called for each
+// segment's entries (a copy) and the file's slot count.
+func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64)) (*Report, error) {
+	r := &Report{Image: d.path, Layout: d.desc.Layout}
+	if d.desc.Layout == LayoutRaw {
+		return r, nil
+	}
+	d.checkExtraSegments(r)
+	if d.desc.Layout != LayoutSparse {
+		return r, nil
+	}
+	ss := d.desc.SectorSize
+	for _, s := range d.segs {
+		e, err := d.entries(s)
+		if err != nil {
+			return nil, err
+		}
+		size, err := s.Size()
+		if err != nil {
+			return nil, err
+		}
+		fileSlots := size / ss
+		first := int64(s.Index()) * (d.desc.Split / ss)
+		if size%ss != 0 {
+			r.add(Finding{Kind: Leak, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: fileSlots, Count: 1,
+				Message: fmt.Sprintf("segment file ends in a partial slot (%d bytes)", size%ss)})
+		}
+		r.Slots += (size + ss - 1) / ss
+		owner := make(map[uint32]int64, len(e))
+		used := make([]bool, fileSlots)
+		prev := int64(-1) // slot of the previous allocated sector; compact images start at slot 0
+		for j, v := range e {
+			if v == lut.Unallocated {
+				continue
+			}
+			r.AllocatedSectors++
+			if int64(v) != prev+1 {
+				r.Fragments++
+			}
+			prev = int64(v)
+			sector := first + int64(j)
+			if int64(v) >= fileSlots {
+				r.add(Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: sector, Slot: int64(v), Count: 1,
+					Message: fmt.Sprintf("LUT entry points past the end of the segment file (%d slots)", fileSlots)})
+				continue
+			}
+			if o, dup := owner[v]; dup {
+				r.add(Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: sector, Slot: int64(v), Count: 1,
+					Message: fmt.Sprintf("slot shared with sector %d", o)})
+				continue
+			}
+			owner[v] = sector
+			used[v] = true
+		}
+		if err := d.findLeaks(r, s, used); err != nil {
+			return nil, err
+		}
+		if visit != nil {
+			visit(s, e, fileSlots)
+		}
+	}
+	return r, nil
+}
+
+// entries returns a copy of segment s's LUT entries: from memory if
+// loaded, else read from the LUT file without validating or caching them.
+func (d *Disk) entries(s *seg) ([]uint32, error) {
+	s.mu.RLock()
+	if s.tab != nil {
+		e := append([]uint32(nil), s.tab.E...)
+		s.mu.RUnlock()
+		return e, nil
+	}
+	s.mu.RUnlock()
+	t, err := d.lut.Load(s.Index())
+	if err != nil {
+		return nil, err
+	}
+	return t.E, nil
+}
+
+// findLeaks reports runs of unreferenced slots that hold non-zero data.
+func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
+	ss := d.desc.SectorSize
+	buf := make([]byte, 1<<20)
+	per := int64(len(buf)) / ss
+	var leakStart, leakCount int64 = -1, 0
+	emit := func() {
+		if leakCount > 0 {
+			r.add(Finding{Kind: Leak, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: leakStart, Count: leakCount,
+				Message: fmt.Sprintf("%d slot(s) hold data no LUT entry references", leakCount)})
+		}
+		leakStart, leakCount = -1, 0
+	}
+	for a := int64(0); a < int64(len(used)); {
+		if used[a] {
+			emit()
+			a++
+			continue
+		}
+		b := a
+		for b < int64(len(used)) && !used[b] && b-a < per {
+			b++
+		}
+		chunk := buf[:(b-a)*ss]
+		if err := s.ReadSlotsStrict(chunk, a*ss); err != nil {
+			return err
+		}
+		for k := a; k < b; k++ {
+			if isZero(chunk[(k-a)*ss : (k-a+1)*ss]) {
+				emit()
+				continue
+			}
+			if leakStart < 0 || leakStart+leakCount != k {
+				emit()
+				leakStart = k
+			}
+			leakCount++
+		}
+		a = b
+	}
+	emit()
+	return nil
+}
+
+// checkExtraSegments reports segment files past the geometry; one
+// trailing empty file is xhyve's habit and is tolerated.
+func (d *Disk) checkExtraSegments(r *Report) {
+	for i := len(d.segs); ; i++ {
+		name := segment.Name(d.path, i)
+		fi, err := d.fs.Stat(name)
+		if errors.Is(err, fs.ErrNotExist) || err != nil {
+			return
+		}
+		if fi.Size() == 0 && i == len(d.segs) {
+			continue
+		}
+		r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), fi.Size())})
+	}
+}

@@ -1,0 +1,382 @@
+package blockif
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// Options tune Open, Create and Check.
+type Options struct {
+	// ReadOnly opens the image for reading only, under a shared lock.
+	ReadOnly bool
+	// Sync makes every write, trim and zeroing durable before it returns
+	// (xhyve's behaviour; NBD FUA on every write).
+	Sync bool
+	// FS is the file system; nil means the operating system's.
+	FS vfs.FS
+	// Logger receives warnings (dirty image checked on open, leaks); nil
+	// discards them.
+	Logger *slog.Logger
+	// NoDirtyCheck skips the automatic check of an image whose descriptor
+	// says state = dirty (offline repair tools open such images on purpose).
+	NoDirtyCheck bool
+}
+
+func (o *Options) fs() vfs.FS {
+	if o == nil || o.FS == nil {
+		return vfs.OS{}
+	}
+	return o.FS
+}
+
+func (o *Options) logger() *slog.Logger {
+	if o == nil || o.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return o.Logger
+}
+
+// Disk is an open image. It is safe for concurrent use: any number of
+// goroutines may call its methods at once.
+type Disk struct {
+	path     string
+	fs       vfs.FS
+	desc     Descriptor
+	readOnly bool
+	sync     bool
+	log      *slog.Logger
+	lock     io.Closer
+
+	segs []*seg     // one per segment (sparse, split); raw: one
+	lut  *lut.Table // sparse layout only
+
+	// ranges serialises writers (WriteAt, Trim, WriteZeroes) whose sector
+	// ranges overlap, so read-modify-write of partial sectors and slot
+	// allocation never race. Readers do not take it.
+	ranges rangeLock
+
+	// flushMu serialises Flush, so that a Flush that returns covers every
+	// write completed before it started even while another Flush runs.
+	// It is held across the fsyncs on purpose.
+	flushMu sync.Mutex
+
+	// closeMu is read-held by every operation for its duration (across its
+	// I/O, on purpose) and write-held by Close, so Close waits for in-flight
+	// requests and later calls fail with ErrClosed.
+	closeMu sync.RWMutex
+	closed  bool // protected by closeMu
+
+	writes atomic.Int64 // mutating calls, for Stats
+}
+
+// seg is one segment with its part of the LUT.
+type seg struct {
+	*segment.Segment
+	sectors int64 // sectors of the disk in this segment
+
+	// mu protects tab (the pointer and its entries). It is held across the
+	// one-time LUT load of the segment, on purpose: every user needs it.
+	mu  sync.RWMutex
+	tab *lut.Segment // sparse: nil until loaded
+	err error        // sparse: load error, reported on every access
+}
+
+// Create makes a new, empty image. It refuses to overwrite anything: the
+// descriptor, any segment file or the LUT already present is ErrExist.
+// The descriptor is written last, so an interrupted Create leaves no image.
+func Create(path string, p Params, o *Options) error {
+	fsys := o.fs()
+	if p.Layout == "" {
+		p.Layout = LayoutSparse
+	}
+	if p.SectorSize == 0 {
+		p.SectorSize = DefaultSectorSize
+		if p.Layout == LayoutRaw {
+			p.SectorSize = 512
+		}
+	}
+	if p.Split == 0 && p.Layout != LayoutRaw {
+		p.Split = min(DefaultSplit, p.Size)
+	}
+	if err := p.Validate(); err != nil {
+		return err
+	}
+	exists := func(name string) error {
+		if _, err := fsys.Stat(name); err == nil {
+			return fmt.Errorf("%w: %s", ErrExist, name)
+		} else if !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	if err := exists(path); err != nil {
+		return err
+	}
+	if p.Layout == LayoutRaw {
+		f, err := fsys.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return fmt.Errorf("create %s: %w", path, err)
+		}
+		if err := f.Truncate(p.Size); err != nil {
+			f.Close()
+			return fmt.Errorf("size %s: %w", path, err)
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return fmt.Errorf("sync %s: %w", path, err)
+		}
+		return f.Close()
+	}
+	if err := exists(path + lut.Suffix); err != nil {
+		return err
+	}
+	for i := 0; i < p.Segments(); i++ {
+		if err := exists(segment.Name(path, i)); err != nil {
+			return err
+		}
+	}
+	for i := 0; i < p.Segments(); i++ {
+		name := segment.Name(path, i)
+		f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			return fmt.Errorf("create segment: %w", err)
+		}
+		if p.Layout == LayoutSplit {
+			if err := f.Truncate(min(p.Split, p.Size-int64(i)*p.Split)); err != nil {
+				f.Close()
+				return fmt.Errorf("size segment %s: %w", name, err)
+			}
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("create segment %s: %w", name, err)
+		}
+	}
+	if p.Layout == LayoutSparse {
+		if err := lut.Create(fsys, path+lut.Suffix, p.Sectors()); err != nil {
+			return err
+		}
+	}
+	return WriteDescriptor(fsys, path, Descriptor{Params: p, State: StateClean})
+}
+
+// isDescriptor tells whether path holds a sparsedisk descriptor (as opposed
+// to a raw image). A file with segments or a LUT beside it must be one.
+func isDescriptor(fsys vfs.FS, path string, size int64) (bool, error) {
+	if _, err := fsys.Stat(segment.Name(path, 0)); err == nil {
+		return true, nil
+	}
+	if _, err := fsys.Stat(path + lut.Suffix); err == nil {
+		return true, nil
+	}
+	if size > maxDescriptor || size == 0 {
+		return false, nil
+	}
+	data, err := readSmall(fsys, path)
+	if err != nil {
+		return false, err
+	}
+	return bytes.HasPrefix(data, []byte("# sparsedisk")) || bytes.HasPrefix(data, []byte("format")), nil
+}
+
+// Open opens an image: a sparsedisk descriptor (sparse or split layout) or
+// any other regular file as a raw image. Writers take an exclusive lock
+// (ErrInUse if it is taken), readers a shared one. An image whose
+// descriptor says state = dirty is checked first; corruption refuses a
+// writable open.
+func Open(path string, o *Options) (*Disk, error) {
+	fsys := o.fs()
+	d := &Disk{path: path, fs: fsys, log: o.logger()}
+	if o != nil {
+		d.readOnly, d.sync = o.ReadOnly, o.Sync
+	}
+	fi, err := fsys.Stat(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			if _, serr := fsys.Stat(segment.Name(path, 0)); serr == nil {
+				return nil, fmt.Errorf("%w: %s", ErrNotAdopted, path)
+			}
+		}
+		return nil, fmt.Errorf("open image: %w", err)
+	}
+	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	if err != nil {
+		return nil, fmt.Errorf("open image %s: %w", path, err)
+	}
+	d.lock, err = fsys.Lock(path, !d.readOnly)
+	if err != nil {
+		if errors.Is(err, vfs.ErrLocked) {
+			mode := "for writing"
+			if d.readOnly {
+				mode = "for reading (another process writes it)"
+			}
+			return nil, fmt.Errorf("%w: %s cannot be opened %s", ErrInUse, path, mode)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	if err := d.open(isDesc, fi.Size(), o); err != nil {
+		d.closeFiles()
+		d.lock.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
+	if !isDesc {
+		d.desc = Descriptor{Params: Params{Layout: LayoutRaw, Size: fileSize, Split: fileSize, SectorSize: 512}, State: StateClean}
+		if fileSize == 0 {
+			return fmt.Errorf("%w: %s is empty", ErrInvalid, d.path)
+		}
+		d.segs = []*seg{{Segment: segment.New(d.fs, d.path, 0, 512, d.readOnly), sectors: (fileSize + 511) / 512}}
+		return nil
+	}
+	desc, err := ReadDescriptor(d.fs, d.path)
+	if err != nil {
+		return err
+	}
+	d.desc = desc
+	p := desc.Params
+	nseg := p.Segments()
+	d.segs = make([]*seg, nseg)
+	for i := range d.segs {
+		name := segment.Name(d.path, i)
+		fi, err := d.fs.Stat(name)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("%w: segment file %s is missing (image %s has %d segments)", ErrCorrupt, name, d.path, nseg)
+			}
+			return fmt.Errorf("stat segment: %w", err)
+		}
+		if p.Layout == LayoutSplit {
+			if want := min(p.Split, p.Size-int64(i)*p.Split); fi.Size() > want {
+				return fmt.Errorf("%w: segment file %s is %d bytes, longer than its %d", ErrCorrupt, name, fi.Size(), want)
+			}
+		}
+		d.segs[i] = &seg{
+			Segment: segment.New(d.fs, name, i, p.SectorSize, d.readOnly),
+			sectors: min(p.Split, p.Size-int64(i)*p.Split) / p.SectorSize,
+		}
+	}
+	if p.Layout == LayoutSparse {
+		d.lut, err = lut.Open(d.fs, d.path+lut.Suffix, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, d.readOnly)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("%w: LUT %s is missing: %w", ErrCorrupt, d.path+lut.Suffix, err)
+			}
+			if errors.Is(err, lut.ErrTruncated) {
+				return fmt.Errorf("%w: %w", ErrCorrupt, err)
+			}
+			return err
+		}
+	}
+	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) {
+		return fmt.Errorf("%w: %s has an unfinished offline operation (%s); run `sparsedisk check -r all %s` or repeat the operation", ErrInvalid, d.path, desc.Intent, d.path)
+	}
+	if desc.State == StateDirty && !(o != nil && o.NoDirtyCheck) {
+		rep, err := d.check(nil)
+		if err != nil {
+			return fmt.Errorf("check of dirty image %s: %w", d.path, err)
+		}
+		d.log.Warn("image was not closed cleanly; checked it", "image", d.path, "corruptions", rep.Corruptions, "leaked_slots", rep.LeakedSlots)
+		if rep.Corruptions > 0 && !d.readOnly {
+			return fmt.Errorf("%w: %s was not closed cleanly and check found %d corruption(s), first: %s; run `sparsedisk check -r all %s`",
+				ErrCorrupt, d.path, rep.Corruptions, rep.firstCorruption(), d.path)
+		}
+	}
+	if !d.readOnly {
+		dd := d.desc
+		dd.State = StateDirty
+		if err := WriteDescriptor(d.fs, d.path, dd); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Path is the image path the Disk was opened with.
+func (d *Disk) Path() string { return d.path }
+
+// Size is the virtual disk size in bytes.
+func (d *Disk) Size() int64 { return d.desc.Size }
+
+// SectorSize is the image's sector size: the smallest unit of allocation.
+func (d *Disk) SectorSize() int64 { return d.desc.SectorSize }
+
+// Params is the image's geometry.
+func (d *Disk) Params() Params { return d.desc.Params }
+
+// ReadOnly tells whether the Disk was opened read-only.
+func (d *Disk) ReadOnly() bool { return d.readOnly }
+
+// enter starts an operation: it fails once the Disk is closed.
+func (d *Disk) enter() error {
+	d.closeMu.RLock()
+	if d.closed {
+		d.closeMu.RUnlock()
+		return ErrClosed
+	}
+	return nil
+}
+
+func (d *Disk) leave() { d.closeMu.RUnlock() }
+
+// Close flushes, marks the descriptor clean, and releases the lock. It
+// waits for in-flight operations. Later calls return ErrClosed.
+func (d *Disk) Close() error {
+	d.closeMu.Lock()
+	defer d.closeMu.Unlock()
+	if d.closed {
+		return ErrClosed
+	}
+	d.closed = true
+	var err error
+	if !d.readOnly {
+		err = d.flush()
+		if err == nil && d.desc.Layout != LayoutRaw {
+			dd := d.desc
+			dd.State = StateClean
+			err = WriteDescriptor(d.fs, d.path, dd)
+		}
+	}
+	if cerr := d.closeFiles(); err == nil {
+		err = cerr
+	}
+	if d.lock != nil {
+		if lerr := d.lock.Close(); err == nil {
+			err = lerr
+		}
+	}
+	return err
+}
+
+func (d *Disk) closeFiles() error {
+	var err error
+	for _, s := range d.segs {
+		if s != nil {
+			if cerr := s.Close(); err == nil {
+				err = cerr
+			}
+		}
+	}
+	if d.lut != nil {
+		if cerr := d.lut.Close(); err == nil {
+			err = cerr
+		}
+	}
+	return err
+}

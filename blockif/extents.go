@@ -1,0 +1,119 @@
+package blockif
+
+import (
+	"github.com/sparsedisk/sparsedisk/lut"
+)
+
+// Extent is a run of the disk that is either allocated (data) or a hole
+// (reads as zeros, takes no space).
+type Extent struct {
+	Offset    int64 `json:"offset"`
+	Length    int64 `json:"length"`
+	Allocated bool  `json:"allocated"`
+}
+
+// Extents describes [off, off+n) as alternating allocated and hole runs,
+// straight from the LUT (sparse layout). The runs cover exactly the range,
+// in order, and adjacent runs differ in Allocated. Split and raw images
+// report everything as allocated.
+func (d *Disk) Extents(off, n int64) ([]Extent, error) {
+	if err := d.enter(); err != nil {
+		return nil, err
+	}
+	defer d.leave()
+	if err := d.bounds(off, n); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	if d.desc.Layout != LayoutSparse {
+		return []Extent{{Offset: off, Length: n, Allocated: true}}, nil
+	}
+	var out []Extent
+	add := func(o, l int64, a bool) {
+		if k := len(out) - 1; k >= 0 && out[k].Allocated == a && out[k].Offset+out[k].Length == o {
+			out[k].Length += l
+			return
+		}
+		out = append(out, Extent{Offset: o, Length: l, Allocated: a})
+	}
+	ss, split := d.desc.SectorSize, d.desc.Split
+	end := off + n
+	for pos := off; pos < end; {
+		i := pos / split
+		s := d.segs[i]
+		segEnd := min(end, (i+1)*split)
+		t, err := d.table(s)
+		if err != nil {
+			return nil, err
+		}
+		for pos < segEnd {
+			j := (pos % split) / ss
+			c := min(segEnd, (pos/ss+1)*ss) - pos
+			add(pos, c, t.E[j] != lut.Unallocated)
+			pos += c
+		}
+		s.mu.RUnlock()
+	}
+	return out, nil
+}
+
+// Stats summarises an image.
+type Stats struct {
+	Params
+	State    string `json:"state"`
+	Segments int    `json:"segments"`
+	// AllocatedBytes is the data the disk holds: allocated sectors × sector
+	// size (sparse), or the files' allocated bytes (split, raw).
+	AllocatedBytes int64 `json:"allocated_bytes"`
+	// OnDiskBytes is what the image's files occupy on their device,
+	// descriptor and LUT included.
+	OnDiskBytes int64 `json:"on_disk_bytes"`
+	// Slots counts slots in the segment files (sparse).
+	Slots int64 `json:"slots"`
+	// LeakedSlots counts slots holding data no entry references (sparse).
+	LeakedSlots int64 `json:"leaked_slots"`
+	// Fragments counts breaks in logical order of slots (sparse); 0 after
+	// shrink.
+	Fragments int64 `json:"fragments"`
+}
+
+// Stats walks the image and summarises it. It reads the whole LUT (one
+// segment at a time) and the leaked slots' data.
+func (d *Disk) Stats() (Stats, error) {
+	if err := d.enter(); err != nil {
+		return Stats{}, err
+	}
+	defer d.leave()
+	st := Stats{Params: d.desc.Params, State: d.desc.State, Segments: len(d.segs)}
+	if !d.readOnly {
+		st.State = StateDirty
+	}
+	for _, s := range d.segs {
+		a, err := s.Allocated()
+		if err != nil {
+			return st, err
+		}
+		st.OnDiskBytes += a
+	}
+	if d.desc.Layout != LayoutSparse {
+		st.AllocatedBytes = st.OnDiskBytes
+		return st, nil
+	}
+	for _, name := range []string{d.path, d.path + lut.Suffix} {
+		if f, err := d.fs.OpenFile(name, 0, 0); err == nil {
+			if a, err := f.Allocated(); err == nil {
+				st.OnDiskBytes += a
+			}
+			f.Close()
+		}
+	}
+	r, err := d.check(nil)
+	if err != nil {
+		return st, err
+	}
+	st.AllocatedBytes = r.AllocatedSectors * d.desc.SectorSize
+	st.Slots, st.LeakedSlots, st.Fragments = r.Slots, r.LeakedSlots, r.Fragments
+	return st, nil
+}

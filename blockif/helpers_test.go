@@ -1,0 +1,58 @@
+package blockif
+
+import (
+	"errors"
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// testImage creates an image in a temp dir (or on fsys) and registers a
+// cleanup that runs Check on it after the test's own cleanups: any
+// corruption fails the test, and so do leaks unless allowLeaks.
+func testImage(t testing.TB, p Params, fsys vfs.FS, allowLeaks bool) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := Create(path, p, &Options{FS: fsys}); err != nil {
+		t.Fatalf("Create(%+v): %v", p, err)
+	}
+	t.Cleanup(func() { mustCheck(t, path, fsys, allowLeaks) })
+	return path
+}
+
+func mustCheck(t testing.TB, path string, fsys vfs.FS, allowLeaks bool) *Report {
+	t.Helper()
+	r, err := Check(path, &Options{FS: fsys})
+	if err != nil {
+		if errors.Is(err, ErrInUse) {
+			t.Errorf("Check(%s): image still open: %v", path, err)
+			return nil
+		}
+		t.Fatalf("Check(%s): %v", path, err)
+	}
+	for _, f := range r.Findings {
+		if f.Kind == Corruption || !allowLeaks {
+			t.Errorf("Check(%s): %s", path, f)
+		}
+	}
+	return r
+}
+
+func mustOpen(t testing.TB, path string, o *Options) *Disk {
+	t.Helper()
+	d, err := Open(path, o)
+	if err != nil {
+		t.Fatalf("Open(%s): %v", path, err)
+	}
+	return d
+}
+
+func randBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(rng.UintN(256))
+	}
+	return b
+}

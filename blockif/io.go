@@ -1,0 +1,480 @@
+package blockif
+
+import (
+	"bytes"
+	"fmt"
+	"syscall"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+)
+
+// zeros is a read-only buffer of zero bytes, as large as the largest sector.
+var zeros = make([]byte, MaxSectorSize)
+
+func isZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeros))
+		if !bytes.Equal(p[:n], zeros[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}
+
+// maxSlot is the largest slot number a LUT entry can hold.
+const maxSlot = int64(lut.Unallocated) - 1
+
+func (d *Disk) bounds(off, n int64) error {
+	if off < 0 || n < 0 || off > d.desc.Size || n > d.desc.Size-off {
+		return fmt.Errorf("%w: offset %d length %d, disk size %d", ErrOutOfRange, off, n, d.desc.Size)
+	}
+	return nil
+}
+
+// table returns segment s's LUT part, loading it on first use, with s.mu
+// read-held. The caller must RUnlock.
+func (d *Disk) table(s *seg) (*lut.Segment, error) {
+	s.mu.RLock()
+	if s.tab != nil || s.err != nil {
+		if s.err != nil {
+			s.mu.RUnlock()
+			return nil, s.err
+		}
+		return s.tab, nil
+	}
+	s.mu.RUnlock()
+	s.mu.Lock()
+	if s.tab == nil && s.err == nil {
+		s.tab, s.err = d.loadTable(s)
+	}
+	s.mu.Unlock()
+	return d.table(s)
+}
+
+// loadTable reads a segment's LUT part and sets its append cursor to
+// max(file slots, highest referenced slot + 1). An entry at or past the
+// file's end is corruption (DESIGN.md §3.5).
+func (d *Disk) loadTable(s *seg) (*lut.Segment, error) {
+	t, err := d.lut.Load(s.Index())
+	if err != nil {
+		return nil, err
+	}
+	size, err := s.Size()
+	if err != nil {
+		return nil, err
+	}
+	ss := d.desc.SectorSize
+	fileSlots := size / ss
+	next := (size + ss - 1) / ss
+	for j, v := range t.E {
+		if v == lut.Unallocated {
+			continue
+		}
+		if int64(v) >= fileSlots {
+			return nil, fmt.Errorf("%w: segment %d (%s) sector %d: LUT entry points at slot %d, past the end of the file (%d slots)",
+				ErrCorrupt, s.Index(), s.Path(), t.First+int64(j), v, fileSlots)
+		}
+		next = max(next, int64(v)+1)
+	}
+	s.SetNext(next)
+	return t, nil
+}
+
+// ReadAt reads len(p) bytes at off. Any offset and length inside the disk
+// is allowed; unallocated sectors read as zeros.
+func (d *Disk) ReadAt(p []byte, off int64) (int, error) {
+	if err := d.enter(); err != nil {
+		return 0, err
+	}
+	defer d.leave()
+	if err := d.bounds(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if err := d.readAt(p, off); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// readAt reads without taking closeMu or checking bounds.
+func (d *Disk) readAt(p []byte, off int64) error {
+	split := d.desc.Split
+	for len(p) > 0 {
+		i := off / split
+		segOff := off % split
+		n := min(int64(len(p)), split-segOff)
+		s := d.segs[i]
+		var err error
+		if d.desc.Layout == LayoutSparse {
+			err = d.readSparse(s, p[:n], segOff)
+		} else {
+			err = s.ReadAt(p[:n], segOff)
+		}
+		if err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// run is one contiguous piece of I/O inside a segment file.
+type run struct {
+	fileOff int64
+	buf     []byte
+}
+
+// readSparse reads p from segment s at byte segOff of the segment's part of
+// the disk, coalescing sectors whose slots are consecutive into one read.
+func (d *Disk) readSparse(s *seg, p []byte, segOff int64) error {
+	ss := d.desc.SectorSize
+	t, err := d.table(s)
+	if err != nil {
+		return err
+	}
+	var runs []run
+	for pos := int64(0); pos < int64(len(p)); {
+		j := (segOff + pos) / ss
+		in := (segOff + pos) % ss
+		n := min(ss-in, int64(len(p))-pos)
+		v := t.E[j]
+		if v == lut.Unallocated {
+			clear(p[pos : pos+n])
+		} else {
+			fo := int64(v)*ss + in
+			if k := len(runs) - 1; k >= 0 && runs[k].fileOff+int64(len(runs[k].buf)) == fo && adjacent(runs[k].buf, p[pos:]) {
+				runs[k].buf = runs[k].buf[:len(runs[k].buf)+int(n)]
+			} else {
+				runs = append(runs, run{fileOff: fo, buf: p[pos : pos+n]})
+			}
+		}
+		pos += n
+	}
+	s.mu.RUnlock()
+	for _, r := range runs {
+		if err := s.ReadSlotsStrict(r.buf, r.fileOff); err != nil {
+			return fmt.Errorf("%w: segment %d: %w", ErrCorrupt, s.Index(), err)
+		}
+	}
+	return nil
+}
+
+// WriteAt writes p at off. A write reaching past the end of the disk fails
+// with ErrOutOfRange and writes nothing.
+func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
+	if err := d.enter(); err != nil {
+		return 0, err
+	}
+	defer d.leave()
+	if d.readOnly {
+		return 0, ErrReadOnly
+	}
+	if err := d.bounds(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	if len(p) == 0 {
+		return 0, nil
+	}
+	d.writes.Add(1)
+	ss := d.desc.SectorSize
+	first, last := off/ss, (off+int64(len(p))-1)/ss
+	d.ranges.lock(first, last)
+	err := d.writeLocked(p, off)
+	d.ranges.unlock(first, last)
+	if err == nil && d.sync {
+		err = d.Flush()
+	}
+	if err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// writeLocked writes p at off; the caller holds the range lock of every
+// sector it touches.
+func (d *Disk) writeLocked(p []byte, off int64) error {
+	split := d.desc.Split
+	for len(p) > 0 {
+		i := off / split
+		segOff := off % split
+		n := min(int64(len(p)), split-segOff)
+		s := d.segs[i]
+		var err error
+		if d.desc.Layout == LayoutSparse {
+			err = d.writeSparse(s, p[:n], segOff)
+		} else {
+			err = s.WriteAt(p[:n], segOff)
+		}
+		if err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
+	}
+	return nil
+}
+
+// writeSparse writes p into segment s at byte segOff of its part of the
+// disk. Allocated sectors are written in place; non-zero data for
+// unallocated sectors goes to newly appended slots, whose LUT entries are
+// set only after the data is written (so a concurrent Flush never persists
+// an entry before its data). All-zero data for an unallocated sector
+// allocates nothing.
+func (d *Disk) writeSparse(s *seg, p []byte, segOff int64) error {
+	ss := d.desc.SectorSize
+	t, err := d.table(s)
+	if err != nil {
+		return err
+	}
+	j0 := segOff / ss
+	nsec := (segOff+int64(len(p))-1)/ss - j0 + 1
+	slots := make([]uint32, nsec)
+	copy(slots, t.E[j0:j0+nsec])
+	s.mu.RUnlock()
+
+	// Sector images: full sectors point into p; partial ones are merged
+	// with the sector's current content (read-modify-write).
+	srcs := make([][]byte, nsec)
+	for k := int64(0); k < nsec; k++ {
+		lo := (j0+k)*ss - segOff // sector start relative to p
+		if lo >= 0 && lo+ss <= int64(len(p)) {
+			srcs[k] = p[lo : lo+ss]
+			continue
+		}
+		buf := make([]byte, ss)
+		if slots[k] != lut.Unallocated {
+			if err := s.ReadSlotsStrict(buf, int64(slots[k])*ss); err != nil {
+				return fmt.Errorf("%w: segment %d: %w", ErrCorrupt, s.Index(), err)
+			}
+		}
+		from, to := max(lo, 0), min(lo+ss, int64(len(p)))
+		copy(buf[from-lo:], p[from:to])
+		srcs[k] = buf
+	}
+
+	var fresh int64
+	isNew := make([]bool, nsec)
+	for k := range slots {
+		if slots[k] == lut.Unallocated && !isZero(srcs[k]) {
+			isNew[k] = true
+			fresh++
+		}
+	}
+	if fresh > 0 {
+		base := s.Alloc(fresh)
+		if base+fresh-1 > maxSlot {
+			return fmt.Errorf("segment %d (%s) has used all %d slot numbers; run `sparsedisk shrink`: %w", s.Index(), s.Path(), maxSlot, syscall.ENOSPC)
+		}
+		for k := range slots {
+			if isNew[k] {
+				slots[k] = uint32(base)
+				base++
+			}
+		}
+	}
+
+	// Write runs of sectors whose slots are consecutive and whose sources
+	// are contiguous in memory.
+	var runs []run
+	for k := int64(0); k < nsec; k++ {
+		if slots[k] == lut.Unallocated {
+			continue
+		}
+		fo := int64(slots[k]) * ss
+		if r := len(runs) - 1; r >= 0 && runs[r].fileOff+int64(len(runs[r].buf)) == fo && adjacent(runs[r].buf, srcs[k]) {
+			runs[r].buf = runs[r].buf[:len(runs[r].buf)+int(ss)]
+			continue
+		}
+		runs = append(runs, run{fileOff: fo, buf: srcs[k]})
+	}
+	for _, r := range runs {
+		if err := s.WriteAt(r.buf, r.fileOff); err != nil {
+			return err // new slots stay unreferenced: a leak, never a lie
+		}
+	}
+	if fresh > 0 {
+		s.mu.Lock()
+		for k := range slots {
+			if isNew[k] {
+				s.tab.Set(j0+int64(k), slots[k])
+			}
+		}
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// adjacent tells whether b starts right where a ends in the same array.
+func adjacent(a, b []byte) bool {
+	if cap(a) <= len(a) || len(b) == 0 {
+		return false
+	}
+	return &a[:len(a)+1][len(a)] == &b[0]
+}
+
+// Trim deallocates [off, off+n): whole sectors become unallocated and
+// their slots' space is released at once (punched); partial sectors at the
+// edges are zeroed. The range reads as zeros afterwards.
+func (d *Disk) Trim(off, n int64) error { return d.zero(off, n) }
+
+// WriteZeroes makes [off, off+n) read as zeros, deallocating whole sectors
+// like Trim.
+func (d *Disk) WriteZeroes(off, n int64) error { return d.zero(off, n) }
+
+func (d *Disk) zero(off, n int64) error {
+	if err := d.enter(); err != nil {
+		return err
+	}
+	defer d.leave()
+	if d.readOnly {
+		return ErrReadOnly
+	}
+	if err := d.bounds(off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	d.writes.Add(1)
+	ss := d.desc.SectorSize
+	first, last := off/ss, (off+n-1)/ss
+	d.ranges.lock(first, last)
+	err := d.zeroLocked(off, n)
+	d.ranges.unlock(first, last)
+	if err == nil && d.sync {
+		err = d.Flush()
+	}
+	return err
+}
+
+func (d *Disk) zeroLocked(off, n int64) error {
+	ss := d.desc.SectorSize
+	if d.desc.Layout != LayoutSparse {
+		// Punch whole 4 KiB-aligned blocks, write zeros at the edges.
+		split := d.desc.Split
+		for n > 0 {
+			i := off / split
+			segOff := off % split
+			c := min(n, split-segOff)
+			if err := d.segs[i].Punch(segOff, c); err != nil {
+				return err
+			}
+			off, n = off+c, n-c
+		}
+		return nil
+	}
+	// Partial sectors at the edges: write zeros (read-modify-write).
+	if head := off % ss; head != 0 {
+		c := min(n, ss-head)
+		if err := d.writeLocked(zeros[:c], off); err != nil {
+			return err
+		}
+		off, n = off+c, n-c
+	}
+	if tail := (off + n) % ss; tail != 0 && n > 0 {
+		c := min(n, tail)
+		if err := d.writeLocked(zeros[:c], off+n-c); err != nil {
+			return err
+		}
+		n -= c
+	}
+	split := d.desc.Split
+	for n > 0 {
+		i := off / split
+		segOff := off % split
+		c := min(n, split-segOff)
+		if err := d.deallocate(d.segs[i], segOff/ss, c/ss); err != nil {
+			return err
+		}
+		off, n = off+c, n-c
+	}
+	return nil
+}
+
+// deallocate unmaps sectors [j, j+count) of segment s and punches their
+// slots. No slot is reused while the image is open, so punching at once is
+// safe whatever the on-disk LUT still says (it reads as zeros).
+func (d *Disk) deallocate(s *seg, j, count int64) error {
+	if _, err := d.table(s); err != nil {
+		return err
+	}
+	s.mu.RUnlock()
+	var freed []int64
+	s.mu.Lock()
+	for k := j; k < j+count; k++ {
+		if v := s.tab.E[k]; v != lut.Unallocated {
+			freed = append(freed, int64(v))
+			s.tab.Set(k, lut.Unallocated)
+		}
+	}
+	s.mu.Unlock()
+	ss := d.desc.SectorSize
+	for a := 0; a < len(freed); {
+		b := a + 1
+		for b < len(freed) && freed[b] == freed[b-1]+1 {
+			b++
+		}
+		if err := s.Punch(freed[a]*ss, int64(b-a)*ss); err != nil {
+			return err
+		}
+		a = b
+	}
+	return nil
+}
+
+// Flush makes every write, trim and zeroing completed before the call
+// durable: it fdatasyncs every dirty segment, then writes the dirty LUT
+// pages, then fdatasyncs the LUT (DESIGN.md §3.3).
+func (d *Disk) Flush() error {
+	if err := d.enter(); err != nil {
+		return err
+	}
+	defer d.leave()
+	if d.readOnly {
+		return nil
+	}
+	return d.flush()
+}
+
+func (d *Disk) flush() error {
+	d.flushMu.Lock()
+	defer d.flushMu.Unlock()
+	// Snapshot the LUT pages first: every entry in the snapshot was set
+	// after its data was written, so the segment syncs below cover it.
+	var pages []lut.Page
+	if d.lut != nil {
+		for _, s := range d.segs {
+			s.mu.Lock()
+			if s.tab != nil && s.tab.Dirty() {
+				pages = append(pages, s.tab.TakeDirty()...)
+			}
+			s.mu.Unlock()
+		}
+	}
+	redirty := func() {
+		for _, s := range d.segs {
+			s.mu.Lock()
+		}
+		lut.Redirty(pages)
+		for _, s := range d.segs {
+			s.mu.Unlock()
+		}
+	}
+	for _, s := range d.segs {
+		if err := s.Sync(); err != nil {
+			redirty()
+			return err
+		}
+	}
+	if len(pages) > 0 {
+		if err := d.lut.WritePages(pages); err != nil {
+			redirty()
+			return err
+		}
+		if err := d.lut.Sync(); err != nil {
+			redirty()
+			return err
+		}
+	}
+	return nil
+}

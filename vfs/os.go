@@ -1,0 +1,131 @@
+package vfs
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// OS is the operating system's file system. The zero value is ready to use.
+type OS struct{}
+
+var _ FS = OS{}
+
+type osFile struct{ *os.File }
+
+// OpenFile opens a file with os.OpenFile.
+func (OS) OpenFile(name string, flag int, perm os.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	return osFile{f}, nil
+}
+
+// Remove removes a file.
+func (OS) Remove(name string) error { return os.Remove(name) }
+
+// Rename renames a file.
+func (OS) Rename(oldname, newname string) error { return os.Rename(oldname, newname) }
+
+// Stat describes a file.
+func (OS) Stat(name string) (os.FileInfo, error) { return os.Stat(name) }
+
+// SyncDir fsyncs a directory.
+func (OS) SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// Lock takes a flock(2) lock on name.
+func (OS) Lock(name string, exclusive bool) (io.Closer, error) {
+	f, err := os.OpenFile(name, os.O_RDONLY, 0)
+	if err != nil {
+		return nil, err
+	}
+	how := unix.LOCK_SH
+	if exclusive {
+		how = unix.LOCK_EX
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, ErrLocked
+		}
+		return nil, fmt.Errorf("flock %s: %w", name, err)
+	}
+	return f, nil
+}
+
+func (f osFile) Size() (int64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return fi.Size(), nil
+}
+
+func (f osFile) Sync() error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err != unix.EINTR {
+			if err != nil {
+				return &os.PathError{Op: "fdatasync", Path: f.Name(), Err: err}
+			}
+			return nil
+		}
+	}
+}
+
+func (f osFile) PunchHole(off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err != nil {
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			// The file system cannot punch holes: write zeros instead so the
+			// range still reads as zeros.
+			return writeZeros(f.File, off, n)
+		}
+		return &os.PathError{Op: "fallocate punch-hole", Path: f.Name(), Err: err}
+	}
+	return nil
+}
+
+func writeZeros(f *os.File, off, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		c := min(n, int64(len(buf)))
+		if _, err := f.WriteAt(buf[:c], off); err != nil {
+			return err
+		}
+		off += c
+		n -= c
+	}
+	return nil
+}
+
+func (f osFile) Allocated() (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
+	}
+	return st.Blocks * 512, nil
+}
