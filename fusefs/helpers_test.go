@@ -49,11 +49,16 @@ func needTools(t testing.TB, names ...string) {
 	}
 }
 
-func run(t testing.TB, name string, args ...string) string {
-	t.Helper()
+// command is exec.Command with the sbin directories on PATH.
+func command(name string, args ...string) *exec.Cmd {
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/sbin:/usr/bin:/bin:"+os.Getenv("PATH"))
-	out, err := cmd.CombinedOutput()
+	return cmd
+}
+
+func run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := command(name, args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("%s %q: %v\n%s", name, args, err, out)
 	}
