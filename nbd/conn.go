@@ -1,0 +1,285 @@
+package nbd
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// conn is one client connection. Its goroutine runs the handshake and then
+// the request reader; each admitted request runs in its own goroutine and
+// replies are serialized by wmu.
+type conn struct {
+	s   *Server
+	log *slog.Logger
+
+	// mu protects nc (replaced by a *tls.Conn after STARTTLS), transmitting
+	// and stopping.
+	mu           sync.Mutex
+	nc           net.Conn
+	transmitting bool
+	stopping     bool
+
+	// wmu serializes replies: every reply is written whole while holding it.
+	wmu sync.Mutex
+
+	inflight atomic.Int64 // requests admitted and not yet answered
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	return &conn{s: s, nc: nc, log: s.log.With("remote", remoteAddr(nc))}
+}
+
+// rw returns the current transport.
+func (c *conn) rw() net.Conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.nc
+}
+
+func (c *conn) setRW(nc net.Conn) {
+	c.mu.Lock()
+	c.nc = nc
+	c.mu.Unlock()
+}
+
+// stop asks the connection to end gracefully: a handshake is cut at once, a
+// transmitting connection stops reading requests and ends after answering
+// those already received.
+func (c *conn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stopping = true
+	if c.transmitting {
+		_ = c.nc.SetReadDeadline(time.Now())
+	} else {
+		c.nc.Close()
+	}
+}
+
+func (c *conn) serve() {
+	defer func() { c.rw().Close() }()
+	if tc, ok := c.nc.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+		_ = tc.SetKeepAlive(true)
+		_ = tc.SetKeepAlivePeriod(DefaultKeepAlive)
+	}
+	if t := c.s.cfg.HandshakeTimeout; t > 0 {
+		_ = c.nc.SetDeadline(time.Now().Add(t))
+	}
+	x, sess, err := c.handshake()
+	if err != nil {
+		switch {
+		case errors.Is(err, errAbort):
+			c.log.Debug("nbd: client aborted negotiation")
+		case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+			c.log.Debug("nbd: connection closed during handshake", "err", err)
+		default:
+			c.log.Warn("nbd: handshake failed", "err", err)
+		}
+		return
+	}
+	c.mu.Lock()
+	c.transmitting = true
+	stopping := c.stopping
+	_ = c.nc.SetDeadline(time.Time{})
+	if stopping {
+		_ = c.nc.SetReadDeadline(time.Now())
+	}
+	c.mu.Unlock()
+	c.log = c.log.With("export", x.Name)
+	c.log.Info("nbd: client connected", "tls", sess.tls, "structured", sess.structured)
+	t := &transmission{c: c, x: x, sess: sess, nc: c.rw()}
+	t.lim.init(c.s.cfg.MaxInFlight, c.s.cfg.MaxInFlightBytes)
+	t.run()
+}
+
+// transmission is the transmission phase of one connection.
+type transmission struct {
+	c    *conn
+	x    *export
+	sess *session
+	nc   net.Conn
+	lim  limiter
+	wg   sync.WaitGroup // one per request goroutine
+}
+
+func (t *transmission) run() {
+	cfg := &t.c.s.cfg
+	br := bufio.NewReaderSize(t.nc, 64<<10)
+	var hdr [requestHeaderLen]byte
+	disc := false
+	var reason error
+	for {
+		if cfg.IdleTimeout > 0 {
+			_ = t.nc.SetReadDeadline(time.Now().Add(cfg.IdleTimeout))
+		}
+		if n, err := io.ReadFull(br, hdr[:]); err != nil {
+			if n == 0 && t.idleRetry(err) {
+				continue
+			}
+			reason = err
+			break
+		}
+		req, err := parseRequest(hdr[:])
+		if err != nil {
+			reason = err
+			break
+		}
+		if req.typ == cmdDisc {
+			disc = true
+			break
+		}
+		var payload []byte
+		weight := int64(0)
+		switch req.typ {
+		case cmdWrite:
+			if req.length > cfg.MaxPayload {
+				reason = fmt.Errorf("%w: write payload of %d bytes (maximum %d)", ErrProtocol, req.length, cfg.MaxPayload)
+				break
+			}
+			weight = int64(req.length)
+		case cmdRead:
+			if req.length <= cfg.MaxPayload {
+				weight = int64(req.length)
+			}
+		}
+		if reason != nil {
+			break
+		}
+		weight = t.lim.acquire(weight)
+		if req.typ == cmdWrite {
+			payload = getBuf(int(req.length))
+			if _, err := io.ReadFull(br, payload); err != nil {
+				putBuf(payload)
+				t.lim.release(weight)
+				reason = err
+				break
+			}
+		}
+		t.c.inflight.Add(1)
+		t.wg.Add(1)
+		go func() {
+			defer t.wg.Done()
+			defer t.c.inflight.Add(-1)
+			defer t.lim.release(weight)
+			t.handle(req, payload)
+			if payload != nil {
+				putBuf(payload)
+			}
+		}()
+	}
+	t.wg.Wait()
+	switch {
+	case disc:
+		if !t.x.readOnly {
+			if err := t.x.flush.Flush(); err != nil {
+				t.c.log.Error("nbd: flush on disconnect", "err", err)
+			}
+		}
+		t.c.log.Info("nbd: client disconnected")
+	case errors.Is(reason, ErrBadMagic), errors.Is(reason, ErrProtocol):
+		t.c.log.Warn("nbd: dropping connection", "err", reason)
+	case t.stopping():
+		t.c.log.Info("nbd: connection closed by shutdown")
+	default:
+		t.c.log.Info("nbd: connection ended", "err", reason)
+	}
+}
+
+func (t *transmission) stopping() bool {
+	t.c.mu.Lock()
+	defer t.c.mu.Unlock()
+	return t.c.stopping
+}
+
+// idleRetry reports whether a read error is an idle-timeout expiry that
+// should not end the connection because requests are still in flight.
+func (t *transmission) idleRetry(err error) bool {
+	if !errors.Is(err, os.ErrDeadlineExceeded) || t.stopping() {
+		return false
+	}
+	return t.c.inflight.Load() > 0
+}
+
+// limiter bounds the requests (count and payload bytes) one connection has
+// in flight. It is safe for concurrent use.
+type limiter struct {
+	// mu protects n and bytes; cond signals releases.
+	mu              sync.Mutex
+	cond            *sync.Cond
+	n, maxN         int
+	bytes, maxBytes int64
+}
+
+func (l *limiter) init(maxN int, maxBytes int64) {
+	l.cond = sync.NewCond(&l.mu)
+	l.maxN, l.maxBytes = maxN, maxBytes
+}
+
+// acquire waits for room for one request of w bytes and returns the weight
+// to release (w clamped to the byte budget, so a large request runs alone
+// rather than never).
+func (l *limiter) acquire(w int64) int64 {
+	w = min(w, l.maxBytes)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for l.n >= l.maxN || l.bytes+w > l.maxBytes {
+		l.cond.Wait()
+	}
+	l.n++
+	l.bytes += w
+	return w
+}
+
+func (l *limiter) release(w int64) {
+	l.mu.Lock()
+	l.n--
+	l.bytes -= w
+	l.mu.Unlock()
+	l.cond.Broadcast()
+}
+
+// Payload buffers are pooled by power-of-two size class.
+const (
+	minBufShift = 12 // 4 KiB
+	maxBufShift = 25 // 32 MiB
+)
+
+var bufPools [maxBufShift + 1]sync.Pool
+
+func bufClass(n int) int {
+	c := minBufShift
+	for 1<<c < n {
+		c++
+	}
+	return c
+}
+
+// getBuf returns a buffer of length n; its contents are undefined.
+func getBuf(n int) []byte {
+	c := bufClass(n)
+	if c > maxBufShift {
+		return make([]byte, n)
+	}
+	if p, ok := bufPools[c].Get().(*[]byte); ok {
+		return (*p)[:n]
+	}
+	return make([]byte, n, 1<<c)
+}
+
+func putBuf(b []byte) {
+	c := bufClass(cap(b))
+	if c > maxBufShift || cap(b) != 1<<c {
+		return
+	}
+	b = b[:cap(b)]
+	bufPools[c].Put(&b)
+}

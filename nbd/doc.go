@@ -1,0 +1,85 @@
+// Package nbd is sparsedisk's Network Block Device server: it serves one or
+// more [Backend]s (normally *blockif.Disk images) to NBD clients such as
+// qemu, the libnbd tools (nbdinfo, nbdcopy, nbdsh), nbd-client and the
+// Linux kernel's /dev/nbdX.
+//
+// It is written against the protocol document kept in the project's shared
+// reference directory (nbd-proto.md), not ported from another server.
+//
+// # Design
+//
+// Only fixed newstyle negotiation is spoken. The options understood are
+// EXPORT_NAME, ABORT, LIST, STARTTLS, INFO, GO, STRUCTURED_REPLY,
+// LIST_META_CONTEXT and SET_META_CONTEXT (for the one context this server
+// has, base:allocation); every other option, extended headers included, is
+// answered with NBD_REP_ERR_UNSUP. Option data is parsed by pure functions
+// (parseInfoRequest, parseMetaRequest) and a malformed option gets
+// NBD_REP_ERR_INVALID; only violations that cannot be answered (bad magic,
+// unknown client flags, an EXPORT_NAME for a missing export) drop the
+// connection, and only that one.
+//
+// Every export advertises HAS_FLAGS, SEND_FLUSH, SEND_CACHE and
+// CAN_MULTI_CONN; writable exports add SEND_FUA, SEND_TRIM,
+// SEND_WRITE_ZEROES and SEND_FAST_ZERO, read-only ones READ_ONLY; SEND_DF
+// is set once structured replies are negotiated. NBD_INFO_BLOCK_SIZE
+// advertises the image's sector size as minimum and preferred block size
+// and Config.MaxPayload (32 MiB) as maximum payload. Alignment is enforced
+// only for clients that asked for block sizes with NBD_OPT_GO, as the
+// protocol requires; the engine handles any byte range for the others.
+//
+// With structured replies, a READ is answered from the engine's allocation
+// map: unallocated runs become NBD_REPLY_TYPE_OFFSET_HOLE chunks, allocated
+// runs NBD_REPLY_TYPE_OFFSET_DATA (a single data chunk when the client sets
+// DF). All data is read before the first chunk is sent, so errors are
+// always reported as one error chunk and the last content chunk carries
+// NBD_REPLY_FLAG_DONE. BLOCK_STATUS for base:allocation reports unallocated
+// runs as HOLE|ZERO and allocated ones as 0, straight from the LUT.
+//
+// Engine errors become NBD error values in exactly one place, errnoFor:
+// read-only is EPERM, out of range is EINVAL (ENOSPC for writes and
+// write-zeroes), a full disk ENOSPC, corruption and anything unexpected
+// EIO. A failed request never ends the connection.
+//
+// FLUSH, FUA and DISC share one group-committing flusher per export: all
+// callers waiting at the same time are served by a single engine Flush
+// that started after they called, so many parallel FUA writes cost one
+// durable sync per round, not one each. Because every connection to an
+// export shares that engine, a flush covers writes from all connections,
+// which is what CAN_MULTI_CONN promises.
+//
+// WRITE_ZEROES without NO_HOLE deallocates through the engine (fast, so
+// FAST_ZERO succeeds). With NO_HOLE, allocated runs are overwritten with
+// zeros in place and unallocated runs, which already read as zeros and
+// which the sparse layout never stores, are left alone; FAST_ZERO together
+// with NO_HOLE fails with ENOTSUP, as that path is no faster than writing.
+//
+// TLS ([TLSOn], [TLSRequire]) uses crypto/tls through NBD_OPT_STARTTLS;
+// client certificates are demanded by setting ClientAuth and ClientCAs in
+// Config.TLSConfig. In require mode nothing but STARTTLS and ABORT is
+// answered before TLS is up, so export names and data never travel in
+// clear text.
+//
+// # Concurrency
+//
+// A [Server] is safe for concurrent use. Each connection has one goroutine
+// that performs the handshake and then reads requests. Every admitted
+// request runs in its own goroutine, so requests of one connection execute
+// in parallel; a limiter bounds them to Config.MaxInFlight requests and
+// Config.MaxInFlightBytes of payload per connection, and the reader stops
+// reading while the bound is reached (back-pressure through TCP). Replies
+// are written whole, one at a time, under a per-connection mutex, so chunks
+// of different replies never interleave on the wire; they may leave in any
+// order, which the protocol allows.
+//
+// Idle and dead clients cannot pin resources forever: the handshake has a
+// deadline (Config.HandshakeTimeout), every reply a write deadline
+// (Config.WriteTimeout), TCP keep-alive finds vanished peers, and an
+// optional Config.IdleTimeout closes silent connections. Payloads above
+// Config.MaxPayload drop the connection rather than being buffered.
+//
+// [Server.Shutdown] stops the listeners, cuts handshakes in progress, stops
+// each transmitting connection from reading further requests, waits until
+// every request already received has been answered, closes the
+// connections and flushes the exports. It does not close the backends:
+// their owner does, after Shutdown returns.
+package nbd

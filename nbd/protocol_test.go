@@ -1,0 +1,694 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+)
+
+func TestErrnoFor(t *testing.T) {
+	wrap := func(err error) error { return errors.Join(errors.New("context"), err) }
+	tests := []struct {
+		name string
+		cmd  uint16
+		err  error
+		want uint32
+	}{
+		{"nil", cmdRead, nil, 0},
+		{"engine read-only", cmdWrite, blockif.ErrReadOnly, errnoPerm},
+		{"export read-only", cmdTrim, ErrReadOnly, errnoPerm},
+		{"read out of range", cmdRead, blockif.ErrOutOfRange, errnoInval},
+		{"trim out of range", cmdTrim, ErrOutOfRange, errnoInval},
+		{"status out of range", cmdBlockStatus, ErrOutOfRange, errnoInval},
+		{"write past end", cmdWrite, blockif.ErrOutOfRange, errnoNoSpc},
+		{"write zeroes past end", cmdWriteZeroes, ErrOutOfRange, errnoNoSpc},
+		{"disk full", cmdWrite, wrap(syscall.ENOSPC), errnoNoSpc},
+		{"quota", cmdWrite, syscall.EDQUOT, errnoNoSpc},
+		{"file too big", cmdWrite, syscall.EFBIG, errnoNoSpc},
+		{"corrupt", cmdRead, wrap(blockif.ErrCorrupt), errnoIO},
+		{"os eio", cmdRead, syscall.EIO, errnoIO},
+		{"unknown", cmdFlush, errors.New("boom"), errnoIO},
+		{"unaligned", cmdWrite, ErrUnaligned, errnoInval},
+		{"bad flags", cmdRead, ErrInvalidRequest, errnoInval},
+		{"engine invalid", cmdTrim, blockif.ErrInvalid, errnoInval},
+		{"read too large", cmdRead, ErrTooLarge, errnoOverflow},
+		{"fast zero", cmdWriteZeroes, ErrNotFast, errnoNotSup},
+		{"shutdown", cmdWrite, ErrShutdown, errnoShutdown},
+		{"closed disk", cmdRead, blockif.ErrClosed, errnoShutdown},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := errnoFor(tc.cmd, tc.err); got != tc.want {
+				t.Errorf("errnoFor(%s, %v) = %d, want %d", cmdName(tc.cmd), tc.err, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseInfoRequest(t *testing.T) {
+	good := appendInfoRequest(nil, infoRequest{"disk", []uint16{infoBlockSize, infoName}})
+	r, err := parseInfoRequest(good)
+	if err != nil || r.name != "disk" || len(r.infos) != 2 || r.infos[0] != infoBlockSize {
+		t.Fatalf("parse good: %+v %v", r, err)
+	}
+	bad := map[string][]byte{
+		"empty":          nil,
+		"short":          {0, 0, 0},
+		"name too long":  be.AppendUint16(be.AppendUint32(nil, 100), 0),
+		"count too big":  be.AppendUint16(be.AppendUint32(nil, 0), 3),
+		"trailing bytes": append(appendInfoRequest(nil, infoRequest{"", nil}), 1),
+		"odd infos":      append(appendInfoRequest(nil, infoRequest{"", []uint16{1}}), 0),
+	}
+	for name, b := range bad {
+		if _, err := parseInfoRequest(b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: err %v, want ErrMalformed", name, err)
+		}
+	}
+}
+
+func TestParseMetaRequest(t *testing.T) {
+	good := appendMetaRequest(nil, metaRequest{"disk", []string{"base:allocation", "qemu:dirty-bitmap:x"}})
+	r, err := parseMetaRequest(good)
+	if err != nil || r.name != "disk" || len(r.queries) != 2 || r.queries[1] != "qemu:dirty-bitmap:x" {
+		t.Fatalf("parse good: %+v %v", r, err)
+	}
+	bad := map[string][]byte{
+		"empty":          nil,
+		"no count":       be.AppendUint32(nil, 0),
+		"name overflow":  be.AppendUint32(nil, 5),
+		"query overflow": be.AppendUint32(be.AppendUint32(be.AppendUint32(nil, 0), 1), 9),
+		"missing query":  be.AppendUint32(be.AppendUint32(nil, 0), 1),
+		"trailing":       append(appendMetaRequest(nil, metaRequest{"", nil}), 0),
+		"too many":       be.AppendUint32(be.AppendUint32(nil, 0), maxMetaQueries+1),
+	}
+	for name, b := range bad {
+		if _, err := parseMetaRequest(b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: err %v, want ErrMalformed", name, err)
+		}
+	}
+}
+
+func TestHandshakeOptions(t *testing.T) {
+	a, b := newMem(1<<20, 4096), newMem(2<<20, 512)
+	_, addr := startServer(t, Config{}, Export{Name: "a", Description: "first", Backend: a}, Export{Name: "b", Backend: b, ReadOnly: true})
+	c := dial(t, addr)
+	c.hello(clientFixedNewstyle)
+
+	// LIST: both exports, description after the name.
+	rs := c.expect(optList, nil, repAck)
+	if len(rs) != 2 || string(rs[0].data[4:]) != "afirst" || string(rs[1].data[4:]) != "b" {
+		t.Fatalf("list replies %+v", rs)
+	}
+	c.expect(optList, []byte{1}, repErrInvalid)
+	// Unknown and unimplemented options.
+	c.expect(99, []byte("junk"), repErrUnsup)
+	c.expect(optExtendedHeaders, nil, repErrUnsup)
+	c.expect(optPeekExport, nil, repErrUnsup)
+	// STARTTLS on a plain server.
+	c.expect(optStartTLS, nil, repErrPolicy)
+	// INFO: malformed, unknown export, then a good one with all infos.
+	c.expect(optInfo, []byte{0, 0, 0, 9, 'x'}, repErrInvalid)
+	c.expect(optInfo, appendInfoRequest(nil, infoRequest{"nope", nil}), repErrUnknown)
+	rs = c.expect(optInfo, appendInfoRequest(nil, infoRequest{"b", []uint16{infoName, infoDescription, infoBlockSize, 77}}), repAck)
+	got := map[uint16][]byte{}
+	for _, r := range rs {
+		got[be.Uint16(r.data)] = r.data[2:]
+	}
+	if e := got[infoExport]; len(e) != 10 || be.Uint64(e) != 2<<20 || be.Uint16(e[8:])&tflagReadOnly == 0 {
+		t.Fatalf("info export %x", e)
+	}
+	if bs := got[infoBlockSize]; len(bs) != 12 || be.Uint32(bs) != 512 || be.Uint32(bs[4:]) != 512 || be.Uint32(bs[8:]) != DefaultMaxPayload {
+		t.Fatalf("block size info %x", bs)
+	}
+	if string(got[infoName]) != "b" {
+		t.Fatalf("name info %q", got[infoName])
+	}
+	// Meta contexts need structured replies first.
+	mr := appendMetaRequest(nil, metaRequest{"a", []string{metaBaseAllocation}})
+	c.expect(optSetMetaContext, mr, repErrInvalid)
+	c.expect(optStructuredReply, []byte{0}, repErrInvalid)
+	c.expect(optStructuredReply, nil, repAck)
+	c.expect(optListMetaContext, []byte{0, 0}, repErrInvalid)
+	c.expect(optListMetaContext, appendMetaRequest(nil, metaRequest{"zz", nil}), repErrUnknown)
+	for _, q := range [][]string{nil, {"base:"}, {metaBaseAllocation}} {
+		rs = c.expect(optListMetaContext, appendMetaRequest(nil, metaRequest{"a", q}), repAck)
+		if len(rs) != 1 || string(rs[0].data[4:]) != metaBaseAllocation {
+			t.Fatalf("list meta %q: %+v", q, rs)
+		}
+	}
+	if rs = c.expect(optListMetaContext, appendMetaRequest(nil, metaRequest{"a", []string{"x-other:thing"}}), repAck); len(rs) != 0 {
+		t.Fatalf("unknown namespace listed: %+v", rs)
+	}
+	rs = c.expect(optSetMetaContext, mr, repAck)
+	if len(rs) != 1 || be.Uint32(rs[0].data) != metaIDAllocation {
+		t.Fatalf("set meta %+v", rs)
+	}
+	// Oversized option data is skipped and refused.
+	c.expect(optInfo, make([]byte, maxOptionLen+1), repErrTooBig)
+	// Default export via empty name, then transmission works.
+	rs = c.expect(optGo, appendInfoRequest(nil, infoRequest{"", nil}), repAck)
+	if len(rs) < 2 {
+		t.Fatalf("go replies %+v", rs)
+	}
+	c.request(cmdRead, 0, 1, 0, 512, nil)
+	if _, errno, _, _ := c.structuredRead(0, 512); errno != 0 {
+		t.Fatalf("read errno %d", errno)
+	}
+	c.request(cmdDisc, 0, 2, 0, 0, nil)
+	c.expectClosed()
+}
+
+func TestHandshakeExportName(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: m})
+	for _, noZeroes := range []bool{false, true} {
+		c := dial(t, addr)
+		f := clientFixedNewstyle
+		if noZeroes {
+			f |= clientNoZeroes
+		}
+		c.hello(f)
+		c.option(optExportName, []byte("disk"))
+		r := c.readN(10)
+		if be.Uint64(r) != 1<<20 || be.Uint16(r[8:])&tflagHasFlags == 0 || be.Uint16(r[8:])&tflagSendDF != 0 {
+			t.Fatalf("export name reply % x", r)
+		}
+		if !noZeroes {
+			if z := c.readN(124); !bytes.Equal(z, make([]byte, 124)) {
+				t.Fatal("padding not zero")
+			}
+		}
+		c.request(cmdWrite, 0, 7, 4096, 4, []byte("abcd"))
+		if errno, cookie, _ := c.simpleReply(0); errno != 0 || cookie != 7 {
+			t.Fatalf("write: errno %d cookie %d", errno, cookie)
+		}
+		c.request(cmdRead, 0, 8, 4096, 4, nil)
+		if errno, _, d := c.simpleReply(4); errno != 0 || string(d) != "abcd" {
+			t.Fatalf("read: errno %d data %q", errno, d)
+		}
+	}
+}
+
+func TestHandshakeDrops(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{HandshakeTimeout: 500 * time.Millisecond}, Export{Name: "disk", Backend: m})
+	t.Run("unknown client flags", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(1 << 7)
+		c.expectClosed()
+	})
+	t.Run("bad option magic", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(clientFixedNewstyle)
+		c.write(make([]byte, 16))
+		c.expectClosed()
+	})
+	t.Run("unknown export name", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(clientFixedNewstyle)
+		c.option(optExportName, []byte("nope"))
+		c.expectClosed()
+	})
+	t.Run("abort", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(clientFixedNewstyle)
+		c.expect(optAbort, nil, repAck)
+		c.expectClosed()
+	})
+	t.Run("handshake timeout", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(clientFixedNewstyle)
+		c.expectClosed() // silent client is cut after HandshakeTimeout
+	})
+	t.Run("truncated option", func(t *testing.T) {
+		c := dial(t, addr)
+		c.hello(clientFixedNewstyle)
+		b := be.AppendUint64(nil, magicOpt)
+		b = be.AppendUint32(b, optGo)
+		c.write(be.AppendUint32(b, 100)) // promises 100 bytes, sends none
+		c.nc.(interface{ CloseWrite() error }).CloseWrite()
+		c.expectClosed()
+	})
+	// The server keeps serving others.
+	c := dial(t, addr)
+	c.connect("disk", connectOpts{})
+	c.request(cmdFlush, 0, 1, 0, 0, nil)
+	if errno, _, _ := c.simpleReply(0); errno != 0 {
+		t.Fatalf("flush errno %d", errno)
+	}
+}
+
+func TestTransmissionSimple(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	ro := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{}, Export{Name: "rw", Backend: m}, Export{Name: "ro", Backend: ro, ReadOnly: true})
+	c := dial(t, addr)
+	size, flags := c.connect("rw", connectOpts{})
+	if size != 1<<20 {
+		t.Fatalf("size %d", size)
+	}
+	want := tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes |
+		tflagSendFastZero | tflagCanMultiConn | tflagSendCache
+	if flags != want {
+		t.Fatalf("flags %#x, want %#x", flags, want)
+	}
+	type step struct {
+		name         string
+		typ, flags   uint16
+		off          uint64
+		n            uint32
+		payload      []byte
+		errno        uint32
+		flushesAfter int64
+	}
+	data := pattern(10000, 3)
+	steps := []step{
+		{"unaligned write", cmdWrite, 0, 100, 10000, data, 0, 0},
+		{"fua write", cmdWrite, cflagFUA, 20000, 3, []byte("xyz"), 0, 1},
+		{"write past end", cmdWrite, 0, 1<<20 - 2, 4, []byte("abcd"), errnoNoSpc, 1},
+		{"write zeroes past end", cmdWriteZeroes, 0, 1 << 20, 1, nil, errnoNoSpc, 1},
+		{"trim past end", cmdTrim, 0, 1<<20 - 4096, 8192, nil, errnoInval, 1},
+		{"read past end", cmdRead, 0, 1 << 40, 1, nil, errnoInval, 1},
+		{"cache past end", cmdCache, 0, 1 << 20, 4096, nil, errnoInval, 1},
+		{"cache", cmdCache, 0, 0, 4096, nil, 0, 1},
+		{"bad flag", cmdWrite, cflagDF, 0, 1, []byte("q"), errnoInval, 1},
+		{"DF without structured", cmdRead, cflagDF, 0, 1, nil, errnoInval, 1},
+		{"unknown command", 42, 0, 0, 0, nil, errnoInval, 1},
+		{"status without context", cmdBlockStatus, 0, 0, 4096, nil, errnoInval, 1},
+		{"flush", cmdFlush, 0, 0, 0, nil, 0, 2},
+		{"fast zero with no-hole", cmdWriteZeroes, cflagNoHole | cflagFastZero, 0, 4096, nil, errnoNotSup, 2},
+		{"read too large", cmdRead, 0, 0, DefaultMaxPayload + 1, nil, errnoInval, 2},
+	}
+	for i, s := range steps {
+		c.request(s.typ, s.flags, uint64(i), s.off, s.n, s.payload)
+		wantData := 0
+		if s.typ == cmdRead && s.errno == 0 {
+			wantData = int(s.n)
+		}
+		errno, cookie, _ := c.simpleReply(wantData)
+		if cookie != uint64(i) {
+			t.Fatalf("%s: cookie %d", s.name, cookie)
+		}
+		if errno != s.errno && !(s.name == "read too large" && errno == errnoOverflow) {
+			t.Errorf("%s: errno %d, want %d", s.name, errno, s.errno)
+		}
+		if f := m.flushes.Load(); f != s.flushesAfter {
+			t.Errorf("%s: %d flushes, want %d", s.name, f, s.flushesAfter)
+		}
+	}
+	c.request(cmdRead, 0, 100, 100, 10000, nil)
+	if errno, _, d := c.simpleReply(10000); errno != 0 || !bytes.Equal(d, data) {
+		t.Fatalf("read back: errno %d equal %v", errno, bytes.Equal(d, data))
+	}
+	// Zeroing with and without NO_HOLE both read back as zeros.
+	for i, f := range []uint16{0, cflagNoHole, cflagFastZero} {
+		c.request(cmdWrite, 0, 1, 8192, 4096, pattern(4096, 9))
+		c.simpleReply(0)
+		c.request(cmdWriteZeroes, f, 2, 8192, 4096, nil)
+		if errno, _, _ := c.simpleReply(0); errno != 0 {
+			t.Fatalf("write zeroes %d: errno %d", i, errno)
+		}
+		c.request(cmdRead, 0, 3, 8192, 4096, nil)
+		if _, _, d := c.simpleReply(4096); !bytes.Equal(d, make([]byte, 4096)) {
+			t.Fatalf("write zeroes %d: data not zero", i)
+		}
+	}
+
+	// Read-only export: writes are EPERM, reads work, connection survives.
+	r := dial(t, addr)
+	_, flags = r.connect("ro", connectOpts{})
+	if flags&tflagReadOnly == 0 || flags&tflagSendTrim != 0 {
+		t.Fatalf("ro flags %#x", flags)
+	}
+	for i, typ := range []uint16{cmdWrite, cmdTrim, cmdWriteZeroes} {
+		var p []byte
+		if typ == cmdWrite {
+			p = []byte("z")
+		}
+		r.request(typ, 0, uint64(i), 0, 1, p)
+		if errno, _, _ := r.simpleReply(0); errno != errnoPerm {
+			t.Errorf("%s on read-only: errno %d", cmdName(typ), errno)
+		}
+	}
+	r.request(cmdFlush, 0, 9, 0, 0, nil)
+	if errno, _, _ := r.simpleReply(0); errno != 0 {
+		t.Errorf("flush on read-only: errno %d", errno)
+	}
+	r.request(cmdRead, 0, 10, 0, 4, nil)
+	if errno, _, _ := r.simpleReply(4); errno != 0 {
+		t.Errorf("read on read-only: errno %d", errno)
+	}
+}
+
+func TestEngineErrors(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	m.readHook = func(off int64) error {
+		if off == 12288 {
+			return errors.Join(blockif.ErrCorrupt, errors.New("lut entry past end"))
+		}
+		return nil
+	}
+	m.writeHook = func(off int64) error {
+		if off == 8192 {
+			return syscall.ENOSPC
+		}
+		return nil
+	}
+	_, addr := startServer(t, Config{}, Export{Name: "d", Backend: m})
+	for _, structured := range []bool{false, true} {
+		c := dial(t, addr)
+		c.connect("d", connectOpts{structured: structured})
+		c.request(cmdWrite, 0, 1, 8192, 4, []byte("full"))
+		if ch := c.chunk(); structured && (ch.typ != chunkError || be.Uint32(ch.payload) != errnoNoSpc) {
+			t.Fatalf("write on full disk: %+v", ch)
+		} else if !structured && be.Uint32(ch.payload) != errnoNoSpc {
+			t.Fatalf("write on full disk: errno %d", be.Uint32(ch.payload))
+		}
+		c.request(cmdWrite, 0, 1, 0, 4096, pattern(4096, 1)) // allocate, so the read path reads
+		c.chunk()
+		c.request(cmdWrite, 0, 1, 8192+4096, 4096, pattern(4096, 1))
+		c.chunk()
+		c.request(cmdRead, 0, 2, 12288, 4096, nil)
+		if structured {
+			if _, errno, _, _ := c.structuredRead(12288, 4096); errno != errnoIO {
+				t.Fatalf("structured read of corrupt sector: errno %d", errno)
+			}
+		} else if errno, _, _ := c.simpleReply(4096); errno != errnoIO {
+			t.Fatalf("read of corrupt sector: errno %d", errno)
+		}
+		c.request(cmdRead, 0, 3, 0, 4096, nil) // connection still usable
+		if structured {
+			if _, errno, _, _ := c.structuredRead(0, 4096); errno != 0 {
+				t.Fatalf("read after error: errno %d", errno)
+			}
+		} else if errno, _, _ := c.simpleReply(4096); errno != 0 {
+			t.Fatalf("read after error: errno %d", errno)
+		}
+	}
+}
+
+func TestStructuredReadsAndBlockStatus(t *testing.T) {
+	m := newMem(64<<10, 4096)
+	_, addr := startServer(t, Config{}, Export{Name: "d", Backend: m})
+	c := dial(t, addr)
+	_, flags := c.connect("d", connectOpts{structured: true, meta: true, blockSize: true})
+	if flags&tflagSendDF == 0 {
+		t.Fatalf("DF not advertised: %#x", flags)
+	}
+	w := pattern(8192, 5)
+	c.request(cmdWrite, 0, 1, 16384, 8192, w) // sectors 4,5 allocated
+	if ch := c.chunk(); be.Uint32(ch.payload) != 0 {
+		t.Fatal("write failed")
+	}
+	c.request(cmdRead, 0, 2, 0, 64<<10, nil)
+	data, errno, holes, _ := c.structuredRead(0, 64<<10)
+	if errno != 0 || holes != 2 || !bytes.Equal(data[16384:24576], w) || !bytes.Equal(data[:16384], make([]byte, 16384)) {
+		t.Fatalf("sparse read: errno %d holes %d", errno, holes)
+	}
+	c.request(cmdRead, cflagDF, 3, 0, 64<<10, nil)
+	data, errno, holes, chunks := c.structuredRead(0, 64<<10)
+	if errno != 0 || holes != 0 || chunks != 1 || !bytes.Equal(data[16384:24576], w) {
+		t.Fatalf("DF read: errno %d holes %d chunks %d", errno, holes, chunks)
+	}
+	c.request(cmdRead, 0, 4, 0, 0, nil)
+	if ch := c.chunk(); ch.typ != chunkNone || ch.flags&replyFlagDone == 0 {
+		t.Fatalf("zero-length read: %+v", ch)
+	}
+	c.request(cmdRead, 0, 5, 100, 4096, nil) // unaligned, client agreed to block sizes
+	if _, errno, _, _ := c.structuredRead(100, 4096); errno != errnoInval {
+		t.Fatalf("unaligned read errno %d", errno)
+	}
+	status := func(flags uint16, off uint64, n uint32) [][2]uint32 {
+		c.request(cmdBlockStatus, flags, 6, off, n, nil)
+		ch := c.chunk()
+		if ch.typ != chunkBlockStatus || ch.flags&replyFlagDone == 0 || be.Uint32(ch.payload) != metaIDAllocation {
+			t.Fatalf("block status chunk %+v", ch)
+		}
+		var out [][2]uint32
+		for p := ch.payload[4:]; len(p) >= 8; p = p[8:] {
+			out = append(out, [2]uint32{be.Uint32(p), be.Uint32(p[4:])})
+		}
+		return out
+	}
+	got := status(0, 0, 64<<10)
+	want := [][2]uint32{{16384, stateHole | stateZero}, {8192, 0}, {40960, stateHole | stateZero}}
+	if len(got) != len(want) {
+		t.Fatalf("block status %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("block status %v, want %v", got, want)
+		}
+	}
+	if got = status(cflagReqOne, 16384, 4096); len(got) != 1 || got[0] != [2]uint32{4096, 0} {
+		t.Fatalf("REQ_ONE status %v", got)
+	}
+	// Trim punches a hole that block status and reads see.
+	c.request(cmdTrim, 0, 7, 16384, 8192, nil)
+	c.chunk()
+	if got = status(0, 0, 64<<10); len(got) != 1 || got[0] != [2]uint32{64 << 10, stateHole | stateZero} {
+		t.Fatalf("status after trim %v", got)
+	}
+	c.request(cmdBlockStatus, 0, 8, 60<<10, 8192, nil)
+	if ch := c.chunk(); ch.typ != chunkError || be.Uint32(ch.payload) != errnoInval {
+		t.Fatalf("status past end %+v", ch)
+	}
+}
+
+// TestParallelRequests proves that requests of one connection run in
+// parallel: a read blocks in the backend until a later write on the same
+// connection has been executed, and the replies come back out of order.
+func TestParallelRequests(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	release := make(chan struct{})
+	m.readHook = func(off int64) error {
+		if off == 0 {
+			select {
+			case <-release:
+			case <-time.After(10 * time.Second):
+				return errors.New("read never released")
+			}
+		}
+		return nil
+	}
+	var once sync.Once
+	m.writeHook = func(off int64) error {
+		once.Do(func() { close(release) })
+		return nil
+	}
+	_, addr := startServer(t, Config{}, Export{Name: "d", Backend: m})
+	c := dial(t, addr)
+	c.connect("d", connectOpts{})
+	c.request(cmdRead, 0, 1, 0, 4096, nil)
+	c.request(cmdWrite, 0, 2, 8192, 4, []byte("abcd"))
+	if errno, cookie, _ := c.simpleReply(0); cookie != 2 || errno != 0 {
+		t.Fatalf("first reply cookie %d errno %d, want the write", cookie, errno)
+	}
+	if errno, cookie, _ := c.simpleReply(4096); cookie != 1 || errno != 0 {
+		t.Fatalf("second reply cookie %d errno %d", cookie, errno)
+	}
+}
+
+// TestInFlightBound checks that no more than MaxInFlight requests of one
+// connection execute at once.
+func TestInFlightBound(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	var cur, peak atomic.Int64
+	m.readHook = func(int64) error {
+		n := cur.Add(1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+		cur.Add(-1)
+		return nil
+	}
+	_, addr := startServer(t, Config{MaxInFlight: 3}, Export{Name: "d", Backend: m})
+	c := dial(t, addr)
+	c.connect("d", connectOpts{})
+	go func() {
+		for i := 0; i < 40; i++ {
+			c.request(cmdRead, 0, uint64(i), 0, 512, nil)
+		}
+	}()
+	for i := 0; i < 40; i++ {
+		if errno, _, _ := c.simpleReply(512); errno != 0 {
+			t.Fatalf("errno %d", errno)
+		}
+	}
+	if p := peak.Load(); p > 3 || p < 2 {
+		t.Fatalf("peak parallel requests %d, want 2..3", p)
+	}
+}
+
+func TestBadRequestDropsOnlyThatConnection(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{MaxPayload: 1 << 20}, Export{Name: "d", Backend: m})
+	good := dial(t, addr)
+	good.connect("d", connectOpts{})
+
+	bad := dial(t, addr)
+	bad.connect("d", connectOpts{})
+	bad.write(make([]byte, requestHeaderLen)) // zero magic
+	bad.expectClosed()
+
+	big := dial(t, addr)
+	big.connect("d", connectOpts{})
+	big.request(cmdWrite, 0, 1, 0, 2<<20, nil) // payload above the cap
+	big.expectClosed()
+
+	good.request(cmdWrite, 0, 1, 0, 3, []byte("ok!"))
+	if errno, _, _ := good.simpleReply(0); errno != 0 {
+		t.Fatalf("errno %d", errno)
+	}
+}
+
+func TestDisconnectFlushes(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{}, Export{Name: "d", Backend: m})
+	c := dial(t, addr)
+	c.connect("d", connectOpts{})
+	c.request(cmdWrite, 0, 1, 0, 3, []byte("abc"))
+	c.simpleReply(0)
+	c.request(cmdDisc, 0, 2, 0, 0, nil)
+	c.expectClosed()
+	if m.flushes.Load() != 1 {
+		t.Fatalf("%d flushes after DISC, want 1", m.flushes.Load())
+	}
+}
+
+func TestMaxConnections(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{MaxConnections: 1}, Export{Name: "d", Backend: m})
+	a := dial(t, addr)
+	a.connect("d", connectOpts{})
+	b := dial(t, addr)
+	b.expectClosed()
+	a.request(cmdDisc, 0, 1, 0, 0, nil)
+	a.expectClosed()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c := dial(t, addr)
+		g := make([]byte, 18)
+		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
+		if _, err := c.nc.Read(g); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("slot not released after disconnect")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestShutdownFinishesInFlight: Shutdown waits for a request already
+// received, answers it, flushes and closes.
+func TestShutdownFinishesInFlight(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	started := make(chan struct{})
+	m.writeHook = func(int64) error {
+		close(started)
+		time.Sleep(200 * time.Millisecond)
+		return nil
+	}
+	s, err := NewServer(Config{}, Export{Name: "d", Backend: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := netListen(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(l) }()
+	c := dial(t, l.Addr().String())
+	c.connect("d", connectOpts{})
+	idle := dial(t, l.Addr().String()) // stuck in handshake
+	idle.hello(clientFixedNewstyle)
+	c.request(cmdWrite, 0, 1, 0, 4, []byte("last"))
+	<-started
+	if err := s.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if errno, _, _ := c.simpleReply(0); errno != 0 {
+		t.Fatalf("in-flight write errno %d", errno)
+	}
+	c.expectClosed()
+	idle.expectClosed()
+	if err := <-served; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("Serve: %v", err)
+	}
+	if m.flushes.Load() < 1 || string(m.data[:4]) != "last" {
+		t.Fatalf("flushes %d data %q", m.flushes.Load(), m.data[:4])
+	}
+}
+
+func TestFlusherGroupCommit(t *testing.T) {
+	m := newMem(4096, 512)
+	gate := make(chan struct{})
+	var calls atomic.Int64
+	m.flushHook = func() error {
+		if calls.Add(1) == 1 {
+			<-gate // hold the first flush while others queue up
+		}
+		return nil
+	}
+	f := &flusher{b: m}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); f.Flush() }()
+	for calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); f.Flush() }()
+	}
+	time.Sleep(50 * time.Millisecond)
+	close(gate)
+	wg.Wait()
+	if n := calls.Load(); n != 2 {
+		t.Fatalf("%d backend flushes for 21 callers, want 2", n)
+	}
+	m.flushHook = func() error { return syscall.EIO }
+	if err := f.Flush(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("flush error %v", err)
+	}
+}
+
+func TestNewServerRejects(t *testing.T) {
+	m := newMem(4096, 512)
+	cases := map[string]struct {
+		cfg  Config
+		exps []Export
+	}{
+		"no exports":   {Config{}, nil},
+		"nil backend":  {Config{}, []Export{{Name: "x"}}},
+		"duplicate":    {Config{}, []Export{{Name: "x", Backend: m}, {Name: "x", Backend: m}}},
+		"tls no conf":  {Config{TLS: TLSRequire}, []Export{{Name: "x", Backend: m}}},
+		"tiny payload": {Config{MaxPayload: 4096}, []Export{{Name: "x", Backend: m}}},
+	}
+	for name, tc := range cases {
+		if _, err := NewServer(tc.cfg, tc.exps...); !errors.Is(err, ErrConfig) {
+			t.Errorf("%s: %v, want ErrConfig", name, err)
+		}
+	}
+	for _, s := range []string{"off", "on", "require"} {
+		if m, err := ParseTLSMode(s); err != nil || m.String() != s {
+			t.Errorf("ParseTLSMode(%q) = %v, %v", s, m, err)
+		}
+	}
+	if _, err := ParseTLSMode("maybe"); !errors.Is(err, ErrConfig) {
+		t.Errorf("ParseTLSMode(maybe): %v", err)
+	}
+}
