@@ -255,35 +255,58 @@ func (d Descriptor) Marshal() []byte {
 }
 
 // WriteDescriptor replaces the descriptor at path atomically and durably:
-// temp file, fsync, rename, fsync of the directory.
+// temp file, fsync, rename, fsync of the directory. Use it on images that
+// are not open; an open Disk rewrites its own descriptor so that its lock
+// moves to the new file.
 func WriteDescriptor(fsys vfs.FS, path string, d Descriptor) error {
+	_, err := replaceDescriptor(fsys, path, d, false, false)
+	return err
+}
+
+// replaceDescriptor writes d to a temp file, fsyncs it, and renames it over
+// path, fsyncing the directory. With lock, the temp file is locked (in the
+// given mode) before it becomes visible at path, and that lock is returned:
+// no other process can take it in between.
+func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}
 	tmp := path + ".tmp"
 	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
-		return fmt.Errorf("write descriptor: %w", err)
+		return nil, fmt.Errorf("write descriptor: %w", err)
 	}
 	data := d.Marshal()
 	if _, err := f.WriteAt(data, 0); err != nil {
 		f.Close()
-		return fmt.Errorf("write descriptor %s: %w", tmp, err)
+		return nil, fmt.Errorf("write descriptor %s: %w", tmp, err)
 	}
 	if err := f.Sync(); err != nil {
 		f.Close()
-		return fmt.Errorf("sync descriptor %s: %w", tmp, err)
+		return nil, fmt.Errorf("sync descriptor %s: %w", tmp, err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("close descriptor %s: %w", tmp, err)
+		return nil, fmt.Errorf("close descriptor %s: %w", tmp, err)
+	}
+	var l vfs.Lock
+	if lock {
+		if l, err = fsys.Lock(tmp, exclusive); err != nil {
+			return nil, fmt.Errorf("lock new descriptor %s: %w", tmp, err)
+		}
+	}
+	fail := func(err error) (vfs.Lock, error) {
+		if l != nil {
+			l.Close()
+		}
+		return nil, err
 	}
 	if err := fsys.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename descriptor into place: %w", err)
+		return fail(fmt.Errorf("rename descriptor into place: %w", err))
 	}
 	if err := fsys.SyncDir(filepath.Dir(path)); err != nil {
-		return fmt.Errorf("sync directory of %s: %w", path, err)
+		return fail(fmt.Errorf("sync directory of %s: %w", path, err))
 	}
-	return nil
+	return l, nil
 }
 
 // ReadDescriptor reads and parses the descriptor at path.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -56,7 +55,7 @@ type Disk struct {
 	readOnly bool
 	sync     bool
 	log      *slog.Logger
-	lock     io.Closer
+	lock     vfs.Lock // on the descriptor (or raw file); moves with rewrites
 
 	segs []*seg     // one per segment (sparse, split); raw: one
 	lut  *lut.Table // sparse layout only
@@ -217,16 +216,8 @@ func Open(path string, o *Options) (*Disk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image %s: %w", path, err)
 	}
-	d.lock, err = fsys.Lock(path, !d.readOnly)
-	if err != nil {
-		if errors.Is(err, vfs.ErrLocked) {
-			mode := "for writing"
-			if d.readOnly {
-				mode = "for reading (another process writes it)"
-			}
-			return nil, fmt.Errorf("%w: %s cannot be opened %s", ErrInUse, path, mode)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+	if d.lock, err = lockImage(fsys, path, !d.readOnly); err != nil {
+		return nil, err
 	}
 	if err := d.open(isDesc, fi.Size(), o); err != nil {
 		d.closeFiles()
@@ -234,6 +225,45 @@ func Open(path string, o *Options) (*Disk, error) {
 		return nil, err
 	}
 	return d, nil
+}
+
+// lockImage locks the file at path, retrying if a concurrent descriptor
+// rewrite replaced it between the lock and the check.
+func lockImage(fsys vfs.FS, path string, exclusive bool) (vfs.Lock, error) {
+	for try := 0; ; try++ {
+		l, err := fsys.Lock(path, exclusive)
+		if err != nil {
+			if errors.Is(err, vfs.ErrLocked) {
+				mode := "for writing"
+				if !exclusive {
+					mode = "for reading (another process writes it)"
+				}
+				return nil, fmt.Errorf("%w: %s cannot be opened %s", ErrInUse, path, mode)
+			}
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		ok, err := l.Current(path)
+		if err == nil && ok {
+			return l, nil
+		}
+		l.Close()
+		if err != nil || try == 10 {
+			return nil, fmt.Errorf("lock %s: the file keeps being replaced: %v", path, err)
+		}
+	}
+}
+
+// setDescriptor rewrites the open image's descriptor, moving the lock to
+// the new file.
+func (d *Disk) setDescriptor(desc Descriptor) error {
+	l, err := replaceDescriptor(d.fs, d.path, desc, true, !d.readOnly)
+	if err != nil {
+		return err
+	}
+	d.lock.Close()
+	d.lock = l
+	d.desc = desc
+	return nil
 }
 
 func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
@@ -301,7 +331,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	if !d.readOnly {
 		dd := d.desc
 		dd.State = StateDirty
-		if err := WriteDescriptor(d.fs, d.path, dd); err != nil {
+		if err := d.setDescriptor(dd); err != nil {
 			return err
 		}
 	}
@@ -350,7 +380,7 @@ func (d *Disk) Close() error {
 		if err == nil && d.desc.Layout != LayoutRaw {
 			dd := d.desc
 			dd.State = StateClean
-			err = WriteDescriptor(d.fs, d.path, dd)
+			err = d.setDescriptor(dd)
 		}
 	}
 	if cerr := d.closeFiles(); err == nil {

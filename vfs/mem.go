@@ -30,7 +30,7 @@ type MemFS struct {
 	mu      sync.Mutex
 	files   map[string]*memNode // the namespace as seen now
 	durable map[string]*memNode // the namespace as a crash would leave it
-	locks   map[string]*memLock
+	locks   map[*memNode]*memLock
 	ops     int64 // mutating operations so far
 	crashAt int64 // ops count at which everything starts failing; <0: never
 	crashed bool
@@ -56,7 +56,7 @@ type memLock struct {
 
 // NewMemFS returns an empty MemFS.
 func NewMemFS() *MemFS {
-	return &MemFS{files: map[string]*memNode{}, durable: map[string]*memNode{}, locks: map[string]*memLock{}, crashAt: -1}
+	return &MemFS{files: map[string]*memNode{}, durable: map[string]*memNode{}, locks: map[*memNode]*memLock{}, crashAt: -1}
 }
 
 var _ FS = (*MemFS)(nil)
@@ -316,17 +316,18 @@ func (m *MemFS) SyncDir(dir string) error {
 }
 
 // Lock takes an in-memory advisory lock.
-func (m *MemFS) Lock(name string, exclusive bool) (io.Closer, error) {
+func (m *MemFS) Lock(name string, exclusive bool) (Lock, error) {
 	name = clean(name)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.files[name]; !ok {
+	node, ok := m.files[name]
+	if !ok {
 		return nil, &fs.PathError{Op: "lock", Path: name, Err: fs.ErrNotExist}
 	}
-	l := m.locks[name]
+	l := m.locks[node]
 	if l == nil {
 		l = &memLock{}
-		m.locks[name] = l
+		m.locks[node] = l
 	}
 	if l.exclusive || (exclusive && l.shared > 0) {
 		return nil, ErrLocked
@@ -336,14 +337,21 @@ func (m *MemFS) Lock(name string, exclusive bool) (io.Closer, error) {
 	} else {
 		l.shared++
 	}
-	return &memUnlock{m: m, l: l, exclusive: exclusive}, nil
+	return &memUnlock{m: m, l: l, node: node, exclusive: exclusive}, nil
 }
 
 type memUnlock struct {
 	m         *MemFS
 	l         *memLock
+	node      *memNode
 	exclusive bool
 	once      sync.Once
+}
+
+func (u *memUnlock) Current(name string) (bool, error) {
+	u.m.mu.Lock()
+	defer u.m.mu.Unlock()
+	return u.m.files[clean(name)] == u.node, nil
 }
 
 func (u *memUnlock) Close() error {

@@ -3,7 +3,6 @@ package vfs
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -48,7 +47,7 @@ func (OS) SyncDir(dir string) error {
 }
 
 // Lock takes a flock(2) lock on name.
-func (OS) Lock(name string, exclusive bool) (io.Closer, error) {
+func (OS) Lock(name string, exclusive bool) (Lock, error) {
 	f, err := os.OpenFile(name, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err
@@ -70,7 +69,25 @@ func (OS) Lock(name string, exclusive bool) (io.Closer, error) {
 		}
 		return nil, fmt.Errorf("flock %s: %w", name, err)
 	}
-	return f, nil
+	return osLock{f}, nil
+}
+
+type osLock struct{ *os.File }
+
+// Current compares the locked file's inode with the one at name.
+func (l osLock) Current(name string) (bool, error) {
+	a, err := l.Stat()
+	if err != nil {
+		return false, err
+	}
+	b, err := os.Stat(name)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return false, nil
+		}
+		return false, err
+	}
+	return os.SameFile(a, b), nil
 }
 
 func (f osFile) Size() (int64, error) {

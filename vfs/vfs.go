@@ -37,10 +37,18 @@ type FS interface {
 	// SyncDir makes the directory's entries (creations, renames, removals)
 	// durable.
 	SyncDir(dir string) error
-	// Lock takes an advisory lock on name (shared or exclusive) without
-	// waiting; ErrLocked if it is held in a conflicting mode. Closing the
-	// returned Closer releases it.
-	Lock(name string, exclusive bool) (io.Closer, error)
+	// Lock takes an advisory lock on the file now at name (shared or
+	// exclusive) without waiting; ErrLocked if it is held in a conflicting
+	// mode. The lock belongs to the file, not the name: see [Lock.Current].
+	Lock(name string, exclusive bool) (Lock, error)
+}
+
+// Lock is a held advisory lock. Closing it releases it.
+type Lock interface {
+	io.Closer
+	// Current tells whether the locked file is still the one at name (a
+	// rename may have replaced it since the lock was taken).
+	Current(name string) (bool, error)
 }
 
 // File is an open file.

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/urfave/cli/v2"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "create",
+		Usage:     "create a new, empty image",
+		ArgsUsage: "[PATH] size=SIZE [split=SIZE] [sectorsize=N] [layout=sparse|split|raw]",
+		Description: "Creates the descriptor PATH (default ./disk.img), its segment files PATH.0000, … and,\n" +
+			"for the sparse layout, the lookup table PATH.lut. Nothing existing is overwritten.\n\n" +
+			"Sizes take k/m/g/t/p suffixes (powers of 1024). Defaults: split=1G, sectorsize=4096,\n" +
+			"layout=sparse. A sparse image takes almost no space until data is written.\n\n" +
+			"Examples:\n" +
+			"   sparsedisk create size=20G split=1G sectorsize=4096\n" +
+			"   sparsedisk create vm.img size=100G\n" +
+			"   sparsedisk create plain.img --size 8G --layout raw",
+		Flags:  geometryFlags(),
+		Action: createAction,
+	})
+}
+
+func createAction(c *cli.Context) error {
+	pos, p, err := geometryArgs(c)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 1 {
+		return fmt.Errorf("create takes one image path, got %q", pos)
+	}
+	path := "disk.img"
+	if len(pos) == 1 {
+		path = pos[0]
+	}
+	if p.Size == 0 {
+		return fmt.Errorf("create %s: size= is required (for example size=20G)", path)
+	}
+	if err := blockif.Create(path, p, nil); err != nil {
+		return fmt.Errorf("create %s: %w", path, err)
+	}
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	q := d.Params()
+	fmt.Fprintf(c.App.Writer, "created %s: layout %s, size %s", path, q.Layout, blockif.HumanSize(q.Size))
+	if q.Layout != blockif.LayoutRaw {
+		fmt.Fprintf(c.App.Writer, ", split %s, sector size %d, %d segment(s)", blockif.HumanSize(q.Split), q.SectorSize, q.Segments())
+	}
+	fmt.Fprintln(c.App.Writer)
+	return nil
+}

@@ -1,0 +1,88 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/urfave/cli/v2"
+)
+
+// geometryFlags are the --size style equivalents of size= split=
+// sectorsize= layout= arguments.
+func geometryFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "size", Usage: "virtual disk size, like 20G (k/m/g/t/p = powers of 1024)"},
+		&cli.StringFlag{Name: "split", Usage: "segment file size, a multiple of the sector size (default 1G)"},
+		&cli.StringFlag{Name: "sectorsize", Usage: "sector size: a power of two from 512 to 65536 (default 4096)"},
+		&cli.StringFlag{Name: "layout", Usage: "sparse (default), split or raw"},
+	}
+}
+
+// geometryArgs splits the arguments into positional ones and key=value
+// geometry settings, merged with the --flags (an argument wins over a flag
+// only if the flag was not given; giving both differently is an error).
+func geometryArgs(c *cli.Context) (pos []string, p blockif.Params, err error) {
+	kv := map[string]string{}
+	args := c.Args().Slice()
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		// urfave/cli stops parsing flags at the first positional argument:
+		// accept --size=… and --size … after the path too.
+		if strings.HasPrefix(a, "--") {
+			a = strings.TrimPrefix(a, "--")
+			if !strings.Contains(a, "=") {
+				if i+1 >= len(args) {
+					return nil, p, fmt.Errorf("--%s needs a value", a)
+				}
+				i++
+				a += "=" + args[i]
+			}
+		}
+		k, v, ok := strings.Cut(a, "=")
+		if !ok {
+			pos = append(pos, a)
+			continue
+		}
+		k = strings.ToLower(strings.TrimSpace(k))
+		switch k {
+		case "size", "split", "sectorsize", "layout":
+		default:
+			return nil, p, fmt.Errorf("unknown setting %q (want size=, split=, sectorsize= or layout=)", a)
+		}
+		if _, dup := kv[k]; dup {
+			return nil, p, fmt.Errorf("%s= given twice", k)
+		}
+		kv[k] = v
+	}
+	for _, k := range []string{"size", "split", "sectorsize", "layout"} {
+		if c.IsSet(k) {
+			if v, dup := kv[k]; dup && v != c.String(k) {
+				return nil, p, fmt.Errorf("%s given both as %s=%s and --%s=%s", k, k, v, k, c.String(k))
+			}
+			kv[k] = c.String(k)
+		}
+	}
+	num := func(k string) (int64, error) {
+		v, ok := kv[k]
+		if !ok {
+			return 0, nil
+		}
+		n, err := blockif.ParseSize(v)
+		if err != nil {
+			return 0, fmt.Errorf("%s=%s: %w", k, v, err)
+		}
+		return n, nil
+	}
+	if p.Size, err = num("size"); err != nil {
+		return nil, p, err
+	}
+	if p.Split, err = num("split"); err != nil {
+		return nil, p, err
+	}
+	if p.SectorSize, err = num("sectorsize"); err != nil {
+		return nil, p, err
+	}
+	p.Layout = blockif.Layout(kv["layout"])
+	return pos, p, nil
+}
