@@ -1,0 +1,73 @@
+// Package blockif is the sparsedisk engine: one [Disk] type that serves a
+// virtual disk stored in one of three layouts, with the durability contract
+// of DESIGN.md §3.
+//
+// # On-disk format
+//
+// An image at path P (frozen, byte-compatible with xhyve's split/sparse
+// images):
+//
+//	| file          | content                                               |
+//	|---------------|-------------------------------------------------------|
+//	| P             | descriptor: `key = value` text (see [Descriptor])     |
+//	| P.0000, …     | segments (package segment): slots, or verbatim bytes  |
+//	| P.lut         | sparse only: uint32 LE per sector (package lut)       |
+//
+// Layouts: sparse (slots appended in allocation order, mapped by P.lut),
+// split (segment i holds disk bytes [i*split, (i+1)*split) verbatim), raw
+// (one plain file, no descriptor; any regular file that is not a
+// descriptor opens as raw).
+//
+// # Design
+//
+// Reads look up each sector's slot and coalesce runs of sectors whose slots
+// are consecutive into one pread; unallocated sectors are zero-filled
+// without I/O. Writes take a range lock over the sectors they touch, merge
+// partial sectors with their current content (read-modify-write), write
+// allocated sectors in place, skip all-zero data for unallocated sectors,
+// and append new slots for the rest (one pwrite per run of consecutive
+// slots). A new sector's LUT entry becomes visible in memory only after its
+// data is written, and reaches P.lut only in a later Flush, after the
+// segment holding it was fdatasynced:
+//
+//  1. Flush snapshots the dirty LUT pages (4 KiB each),
+//  2. fdatasyncs every segment written since the last Flush,
+//  3. writes the snapshot pages into P.lut and fdatasyncs it.
+//
+// So every durable LUT entry points at durable data, at every instant. A
+// crash can leave only orphan slots (leaks), which Check reports and shrink
+// reclaims. Trim and WriteZeroes unmap whole sectors and punch their slots
+// at once; slots are never reused while the image is open (the append
+// cursor of a segment starts at max(file slots, highest referenced + 1)),
+// so a stale on-disk entry can only point at a punched slot, which reads
+// as zeros.
+//
+// Opening for writing takes an exclusive flock on the descriptor (readers a
+// shared one) and rewrites the descriptor with state = dirty; Close flushes
+// and writes state = clean. An image found dirty at Open is checked first
+// (corruption refuses a writable open). Descriptor rewrites are atomic
+// (temp file, fsync, rename, fsync directory) and the lock moves to the new
+// file before it becomes visible.
+//
+// The LUT is loaded one segment at a time, on first access, so opening a
+// 1 TiB image reads a few hundred bytes and touching one sector loads
+// split/sectorsize entries.
+//
+// All I/O goes through vfs.FS, so tests run the engine on vfs.MemFS, which
+// keeps only synced data when it simulates a crash.
+//
+// # Concurrency
+//
+// [Disk] is safe for concurrent use. Locks, in acquisition order:
+//
+//   - closeMu (RW): read-held by every operation for its duration (across
+//     its I/O, on purpose), write-held by Close.
+//   - flushMu: serialises Flush, held across its fsyncs on purpose (a Flush
+//     must cover writes that completed before it started).
+//   - ranges: exclusive per sector range for writers; readers skip it.
+//   - seg.mu (RW): protects one segment's LUT entries; held only for
+//     lookups and updates in memory, except across the one-time load.
+//
+// Concurrent writes to the same bytes end with one of them; concurrent
+// writes to different bytes of one sector both survive.
+package blockif

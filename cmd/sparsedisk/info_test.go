@@ -1,0 +1,64 @@
+package main
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+)
+
+// makeImage creates a sparse image with a few written ranges.
+func makeImage(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := blockif.Create(path, blockif.Params{Size: 64 << 20, Split: 16 << 20, SectorSize: 4096}, nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := blockif.Open(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, 20 << 20, 63 << 20} {
+		if _, err := d.WriteAt([]byte(strings.Repeat("x", 8192)), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestInfo(t *testing.T) {
+	path := makeImage(t)
+	before := imageDigest(t, path)
+	out, errs, code := sdRun(t, "info", path)
+	if code != 0 {
+		t.Fatalf("info: exit %d: %s", code, errs)
+	}
+	for _, want := range []string{"layout:", "sparse", "67108864 (64 MiB)", "24576 (24 KiB)", "segments:", "4", "state:", "clean", "fragmentation:"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("info output lacks %q:\n%s", want, out)
+		}
+	}
+	out, _, code = sdRun(t, "info", "--output=json", path)
+	var st struct {
+		AllocatedBytes int64  `json:"allocated_bytes"`
+		Size           int64  `json:"Size"`
+		State          string `json:"state"`
+	}
+	if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
+		t.Fatalf("info --output=json: exit %d: %s", code, out)
+	}
+	if st.AllocatedBytes != 3*8192 || st.Size != 64<<20 || st.State != "clean" {
+		t.Errorf("json info %+v", st)
+	}
+	if after := imageDigest(t, path); after != before {
+		t.Error("info changed the image's bytes")
+	}
+	if _, errs, code := sdRun(t, "info", path+".nope"); code == 0 || !strings.Contains(errs, ".nope") {
+		t.Errorf("info of a missing image: exit %d, %q", code, errs)
+	}
+}
