@@ -1,0 +1,318 @@
+package blockif
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// convertChunk is the unit of a convert's reads.
+const convertChunk = 1 << 20
+
+// rawUnit is the share of a raw or split destination one worker copies.
+const rawUnit = 64 << 20
+
+// ConvertOptions tune Convert.
+type ConvertOptions struct {
+	// FS is the file system of both images; nil means the operating
+	// system's.
+	FS vfs.FS
+	// Layout of the destination; "" means sparse.
+	Layout Layout
+	// Split and SectorSize of the destination; 0 takes the source's (or
+	// the defaults for a raw source).
+	Split, SectorSize int64
+	// Overwrite allows replacing an existing destination.
+	Overwrite bool
+	// Workers is the number of parallel copiers; 0 means GOMAXPROCS.
+	Workers int
+	// Progress, if not nil, is called (from one goroutine at a time) with
+	// the bytes of the disk done so far and the total.
+	Progress func(done, total int64)
+}
+
+// ConvertReport tells what Convert did.
+type ConvertReport struct {
+	Src    string `json:"src"`
+	Dst    string `json:"dst"`
+	Params Params `json:"params"`
+	// DataBytes counts the bytes written: non-zero sectors at the
+	// destination's sector size.
+	DataBytes int64 `json:"data_bytes"`
+}
+
+// Convert copies the disk at src (raw, split or sparse) into a new image at
+// dst in any layout. Sectors that are all zeros at the destination's
+// sector size are not written: a sparse destination does not allocate
+// them, split and raw destinations keep holes. The destination is built
+// under a hidden temporary name beside dst (.NAME.converting), flushed,
+// and renamed into place with the descriptor last, so an interrupted
+// convert never leaves an image at dst that looks whole. dst must not
+// exist unless Overwrite.
+func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
+	if o == nil {
+		o = &ConvertOptions{}
+	}
+	fsys := o.FS
+	if fsys == nil {
+		fsys = vfs.OS{}
+	}
+	if filepath.Clean(src) == filepath.Clean(dst) {
+		return nil, fmt.Errorf("%w: source and destination are the same file %s", ErrInvalid, src)
+	}
+	in, err := Open(src, &Options{FS: fsys, ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open source: %w", err)
+	}
+	defer in.Close()
+	p, err := convertParams(in, o)
+	if err != nil {
+		return nil, err
+	}
+	if !o.Overwrite {
+		for _, name := range []string{dst, dst + lut.Suffix, segment.Name(dst, 0)} {
+			if _, err := fsys.Stat(name); err == nil {
+				return nil, fmt.Errorf("%w: %s (use --overwrite to replace it)", ErrExist, name)
+			} else if !errors.Is(err, fs.ErrNotExist) {
+				return nil, err
+			}
+		}
+	}
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".converting")
+	if err := removeImageFiles(fsys, tmp); err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			removeImageFiles(fsys, tmp)
+		}
+	}()
+	if err := Create(tmp, p, &Options{FS: fsys}); err != nil {
+		return nil, err
+	}
+	out, err := Open(tmp, &Options{FS: fsys})
+	if err != nil {
+		return nil, err
+	}
+	rep := &ConvertReport{Src: src, Dst: dst, Params: p}
+	err = copyDisk(in, out, p, o, rep)
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := installImage(fsys, tmp, dst, p); err != nil {
+		return nil, err
+	}
+	ok = true
+	return rep, nil
+}
+
+// convertParams works out the destination geometry.
+func convertParams(in *Disk, o *ConvertOptions) (Params, error) {
+	sp := in.Params()
+	p := Params{Layout: o.Layout, Size: sp.Size, Split: o.Split, SectorSize: o.SectorSize}
+	if p.Layout == "" {
+		p.Layout = LayoutSparse
+	}
+	if p.SectorSize == 0 {
+		switch {
+		case sp.Layout != LayoutRaw:
+			p.SectorSize = sp.SectorSize
+		case p.Layout == LayoutRaw || p.Size%DefaultSectorSize != 0:
+			p.SectorSize = 512
+		default:
+			p.SectorSize = DefaultSectorSize
+		}
+	}
+	if p.Layout == LayoutRaw {
+		p.Split = 0
+	} else if p.Split == 0 {
+		if sp.Layout != LayoutRaw && sp.Split%p.SectorSize == 0 {
+			p.Split = sp.Split
+		} else {
+			p.Split = DefaultSplit
+		}
+		if p.Split > p.Size {
+			p.Split = (p.Size + p.SectorSize - 1) / p.SectorSize * p.SectorSize
+		}
+	}
+	if err := p.Validate(); err != nil {
+		return p, fmt.Errorf("destination: %w", err)
+	}
+	return p, nil
+}
+
+// copyDisk copies every non-zero sector of in to out. A sparse
+// destination's segments are each copied in logical order by one worker,
+// so slots come out in logical order (no fragmentation).
+func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) error {
+	size := p.Size
+	unit := int64(rawUnit)
+	if p.Layout == LayoutSparse {
+		unit = p.Split
+	}
+	type job struct{ off, n int64 }
+	jobs := make(chan job)
+	workers := o.Workers
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	var (
+		mu       sync.Mutex
+		firstErr error
+		done     int64
+	)
+	fail := func(err error) {
+		mu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		mu.Unlock()
+	}
+	failed := func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return firstErr != nil
+	}
+	progress := func(n, data int64) {
+		mu.Lock()
+		done += n
+		rep.DataBytes += data
+		if o.Progress != nil {
+			o.Progress(done, size)
+		}
+		mu.Unlock()
+	}
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, convertChunk)
+			for j := range jobs {
+				if failed() {
+					continue
+				}
+				if err := copyRange(in, out, p.SectorSize, buf, j.off, j.n, progress); err != nil {
+					fail(err)
+				}
+			}
+		}()
+	}
+	for off := int64(0); off < size; off += unit {
+		jobs <- job{off, min(unit, size-off)}
+	}
+	close(jobs)
+	wg.Wait()
+	return firstErr
+}
+
+// copyRange copies [off, off+n) in chunks, skipping the source's holes and
+// the destination sectors that are all zeros.
+func copyRange(in, out *Disk, ss int64, buf []byte, off, n int64, progress func(n, data int64)) error {
+	sparseIn := in.Params().Layout == LayoutSparse
+	for pos := off; pos < off+n; {
+		c := min(int64(len(buf)), off+n-pos)
+		chunk := buf[:c]
+		var exts []Extent
+		if sparseIn {
+			var err error
+			if exts, err = in.Extents(pos, c); err != nil {
+				return fmt.Errorf("source extents at offset %d: %w", pos, err)
+			}
+		} else {
+			exts = []Extent{{Offset: pos, Length: c, Allocated: true}}
+		}
+		for _, e := range exts {
+			b := chunk[e.Offset-pos : e.Offset-pos+e.Length]
+			if !e.Allocated {
+				clear(b)
+				continue
+			}
+			if _, err := in.ReadAt(b, e.Offset); err != nil {
+				return fmt.Errorf("read source at offset %d: %w", e.Offset, err)
+			}
+		}
+		// Write runs of destination sectors holding non-zero bytes (chunks
+		// start on a sector boundary; the disk's last one may end short).
+		var data int64
+		for s := int64(0); s < c; {
+			se := min(s+ss, c)
+			if isZero(chunk[s:se]) {
+				s = se
+				continue
+			}
+			r := se
+			for r < c && !isZero(chunk[r:min(r+ss, c)]) {
+				r = min(r+ss, c)
+			}
+			if _, err := out.WriteAt(chunk[s:r], pos+s); err != nil {
+				return fmt.Errorf("write destination at offset %d: %w", pos+s, err)
+			}
+			data += r - s
+			s = r
+		}
+		progress(c, data)
+		pos += c
+	}
+	return nil
+}
+
+// removeImageFiles removes an image's descriptor, LUT and every segment
+// file (missing ones are fine).
+func removeImageFiles(fsys vfs.FS, path string) error {
+	names := []string{path, path + lut.Suffix, path + ".tmp"}
+	for _, name := range names {
+		if _, err := removeIfExists(fsys, name); err != nil {
+			return err
+		}
+	}
+	for i := 0; ; i++ {
+		r, err := removeIfExists(fsys, segment.Name(path, i))
+		if err != nil {
+			return err
+		}
+		if !r {
+			break
+		}
+	}
+	return syncDirOf(fsys, path)
+}
+
+// installImage renames the finished image tmp to dst: an existing dst is
+// removed descriptor first (so it never looks whole with mixed files), and
+// the new descriptor is renamed last.
+func installImage(fsys vfs.FS, tmp, dst string, p Params) error {
+	if err := removeImageFiles(fsys, dst); err != nil {
+		return fmt.Errorf("remove old %s: %w", dst, err)
+	}
+	if p.Layout != LayoutRaw {
+		for i := 0; i < p.Segments(); i++ {
+			if err := fsys.Rename(segment.Name(tmp, i), segment.Name(dst, i)); err != nil {
+				return fmt.Errorf("rename segment %d into place: %w", i, err)
+			}
+		}
+		if p.Layout == LayoutSparse {
+			if err := fsys.Rename(tmp+lut.Suffix, dst+lut.Suffix); err != nil {
+				return fmt.Errorf("rename LUT into place: %w", err)
+			}
+		}
+		if err := syncDirOf(fsys, dst); err != nil {
+			return err
+		}
+	}
+	if err := fsys.Rename(tmp, dst); err != nil {
+		return fmt.Errorf("rename %s into place: %w", dst, err)
+	}
+	return syncDirOf(fsys, dst)
+}

@@ -1,0 +1,471 @@
+package blockif
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// RepairMode selects what Repair fixes.
+type RepairMode string
+
+const (
+	// RepairLeaks reclaims leaked slots (punches them) and nothing else.
+	RepairLeaks RepairMode = "leaks"
+	// RepairAll also repairs corruption, losing as little data as
+	// possible, and finishes an interrupted offline operation.
+	RepairAll RepairMode = "all"
+)
+
+// RepairAction is one change Repair made. Segment, Sector and Slot are -1
+// where they do not apply.
+type RepairAction struct {
+	File    string `json:"file,omitempty"`
+	Segment int    `json:"segment"`
+	Sector  int64  `json:"sector"`
+	Slot    int64  `json:"slot"`
+	Count   int64  `json:"count"`
+	// Lost tells that sectors [Sector, Sector+Count) now read as zeros
+	// where they read something else (or failed) before.
+	Lost    bool   `json:"lost"`
+	Message string `json:"message"`
+}
+
+func (a RepairAction) String() string {
+	s := "repaired"
+	if a.Lost {
+		s = "LOST"
+	}
+	if a.Segment >= 0 {
+		s += fmt.Sprintf(" segment %d", a.Segment)
+	}
+	if a.Sector >= 0 {
+		if a.Count > 1 {
+			s += fmt.Sprintf(" sectors %d-%d", a.Sector, a.Sector+a.Count-1)
+		} else {
+			s += fmt.Sprintf(" sector %d", a.Sector)
+		}
+	}
+	if a.Slot >= 0 {
+		s += fmt.Sprintf(" slot %d", a.Slot)
+	}
+	return s + ": " + a.Message
+}
+
+// RepairReport lists what Repair did.
+type RepairReport struct {
+	Image   string         `json:"image"`
+	Mode    RepairMode     `json:"mode"`
+	Actions []RepairAction `json:"actions"`
+	// LostSectors counts sectors that now read as zeros but read
+	// differently (or not at all) before.
+	LostSectors int64 `json:"lost_sectors"`
+}
+
+func (r *RepairReport) add(a RepairAction) {
+	if a.Lost {
+		r.LostSectors += max(a.Count, 1)
+	}
+	r.Actions = append(r.Actions, a)
+}
+
+// CheckImage is Check plus the findings only an offline tool cares about:
+// an unfinished offline operation recorded in the descriptor, and a LUT
+// longer than the disk's sectors.
+func CheckImage(path string, o *Options) (*Report, error) {
+	r, err := Check(path, o)
+	if err != nil {
+		return nil, err
+	}
+	fsys := o.fs()
+	desc, err := ReadDescriptor(fsys, path)
+	if err != nil {
+		return r, nil // raw image: nothing more to check
+	}
+	if desc.Intent != "" {
+		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
+	}
+	if desc.Layout == LayoutSparse {
+		if fi, err := fsys.Stat(path + lut.Suffix); err == nil && fi.Size() > desc.Sectors()*lut.EntrySize {
+			r.add(Finding{Kind: Corruption, File: path + lut.Suffix, Segment: -1, Sector: desc.Sectors(), Slot: -1, Count: 1,
+				Message: fmt.Sprintf("LUT is %d bytes, longer than the %d entries the size needs", fi.Size(), desc.Sectors())})
+		}
+	}
+	return r, nil
+}
+
+// Repair fixes the image at path under an exclusive lock. RepairLeaks
+// punches slots no LUT entry references. RepairAll also: finishes an
+// interrupted offline operation; recreates missing segment files; moves
+// segment files beyond the geometry aside (renamed *.orphaned, data kept);
+// fixes the LUT's length; gives each sector that shares a slot its own copy
+// (so every sector still reads what it read before); unmaps entries that
+// point past their segment's end (those sectors read as zeros: they could
+// not be read before). Every change is listed in the report, with the
+// sectors whose content changed marked Lost.
+//
+// Order keeps the image consistent at every instant: copied data is made
+// durable before the LUT entries pointing at it.
+func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
+	if mode != RepairLeaks && mode != RepairAll {
+		return nil, fmt.Errorf("%w: repair mode %q (want leaks or all)", ErrInvalid, mode)
+	}
+	fsys := o.fs()
+	fi, err := fsys.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("repair: %w", err)
+	}
+	rep := &RepairReport{Image: path, Mode: mode}
+	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	if err != nil {
+		return nil, err
+	}
+	if !isDesc {
+		return rep, nil // a raw image has nothing to repair
+	}
+	lock, err := fsys.Lock(path, true)
+	if err != nil {
+		if errors.Is(err, vfs.ErrLocked) {
+			return nil, fmt.Errorf("%w: %s is open elsewhere", ErrInUse, path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	defer lock.Close()
+	desc, err := ReadDescriptor(fsys, path)
+	if err != nil {
+		return nil, err
+	}
+	all := mode == RepairAll
+	if desc.Intent != "" && all {
+		if err := finishIntent(fsys, path, desc); err != nil {
+			return nil, err
+		}
+		rep.add(RepairAction{File: path, Segment: -1, Sector: -1, Slot: -1, Message: fmt.Sprintf("finished interrupted %q (no sector changed)", desc.Intent)})
+		desc.Intent = ""
+	}
+	rp := &repairer{fsys: fsys, path: path, p: desc.Params, all: all, rep: rep}
+	if all {
+		if err := rp.files(); err != nil {
+			return nil, err
+		}
+	}
+	if desc.Layout == LayoutSparse {
+		if err := rp.sparse(); err != nil {
+			return nil, err
+		}
+	}
+	if all && desc.State == StateDirty {
+		desc.State = StateClean
+		if err := WriteDescriptor(fsys, path, desc); err != nil {
+			return nil, err
+		}
+	}
+	return rep, nil
+}
+
+type repairer struct {
+	fsys       vfs.FS
+	path       string
+	p          Params
+	all        bool
+	rep        *RepairReport
+	lutCreated bool
+}
+
+// files repairs the set of files: missing and extra segments, segment and
+// LUT lengths.
+func (rp *repairer) files() error {
+	p, fsys := rp.p, rp.fsys
+	ss := p.SectorSize
+	perSeg := p.Split / ss
+	changedDir := false
+	for i := 0; i < p.Segments(); i++ {
+		name := segment.Name(rp.path, i)
+		want := min(p.Split, p.Size-int64(i)*p.Split)
+		fi, err := fsys.Stat(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				return fmt.Errorf("recreate segment %d: %w", i, err)
+			}
+			if p.Layout == LayoutSplit {
+				err = f.Truncate(want)
+			}
+			if err == nil {
+				err = f.Sync()
+			}
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+			if err != nil {
+				return fmt.Errorf("recreate segment %s: %w", name, err)
+			}
+			changedDir = true
+			msg := "segment file was missing: recreated empty; its allocated sectors are unmapped below"
+			lost := false
+			if p.Layout == LayoutSplit {
+				msg, lost = "segment file was missing: recreated; its sectors read as zeros", true
+			}
+			a := RepairAction{File: name, Segment: i, Sector: -1, Slot: -1, Message: msg, Lost: lost}
+			if lost {
+				a.Sector, a.Count = int64(i)*perSeg, want/ss
+			}
+			rp.rep.add(a)
+			continue
+		} else if err != nil {
+			return err
+		}
+		if p.Layout == LayoutSplit && fi.Size() > want {
+			if err := truncateFile(fsys, name, want, false); err != nil {
+				return err
+			}
+			rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: -1,
+				Message: fmt.Sprintf("segment file was %d bytes, longer than its %d: cut to length (the bytes past it were not part of the disk)", fi.Size(), want)})
+		}
+	}
+	for i := p.Segments(); ; i++ {
+		name := segment.Name(rp.path, i)
+		fi, err := fsys.Stat(name)
+		if err != nil {
+			break
+		}
+		if i == p.Segments() && fi.Size() == 0 {
+			continue // xhyve's trailing empty segment
+		}
+		if err := fsys.Rename(name, name+".orphaned"); err != nil {
+			return fmt.Errorf("move %s aside: %w", name, err)
+		}
+		changedDir = true
+		rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: -1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes) moved aside to %s.orphaned", p.Segments(), fi.Size(), name)})
+	}
+	if p.Layout == LayoutSparse {
+		name := rp.path + lut.Suffix
+		want := p.Sectors() * lut.EntrySize
+		fi, err := fsys.Stat(name)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			if err := lut.Create(fsys, name, p.Sectors()); err != nil {
+				return err
+			}
+			changedDir, rp.lutCreated = true, true
+			rp.rep.add(RepairAction{File: name, Segment: -1, Sector: 0, Slot: -1, Count: p.Sectors(), Lost: true,
+				Message: "LUT was missing: recreated empty, every sector reads as zeros; segment data kept unpunched for forensics (shrink drops it)"})
+		case err != nil:
+			return err
+		case fi.Size() < want:
+			f, err := fsys.OpenFile(name, os.O_RDWR, 0)
+			if err != nil {
+				return err
+			}
+			from := fi.Size() / lut.EntrySize * lut.EntrySize
+			err = fillFF(f, from, want)
+			if err == nil {
+				err = f.Sync()
+			}
+			f.Close()
+			if err != nil {
+				return fmt.Errorf("extend LUT %s: %w", name, err)
+			}
+			rp.rep.add(RepairAction{File: name, Segment: -1, Sector: from / lut.EntrySize, Slot: -1, Count: p.Sectors() - from/lut.EntrySize, Lost: true,
+				Message: fmt.Sprintf("LUT was %d bytes, short of %d: these sectors had no entry (unreadable) and now read as zeros", fi.Size(), want)})
+		case fi.Size() > want:
+			if err := trimToGeometry(fsys, rp.path, p); err != nil {
+				return err
+			}
+			rp.rep.add(RepairAction{File: name, Segment: -1, Sector: -1, Slot: -1,
+				Message: fmt.Sprintf("LUT was %d bytes, longer than %d: entries past the disk's end dropped, slots they held punched", fi.Size(), want)})
+		}
+	}
+	if changedDir {
+		return syncDirOf(fsys, rp.path)
+	}
+	return nil
+}
+
+// sparse repairs every segment's entries and reclaims leaks.
+func (rp *repairer) sparse() error {
+	flag := os.O_RDWR
+	f, err := rp.fsys.OpenFile(rp.path+lut.Suffix, flag, 0)
+	if err != nil {
+		return fmt.Errorf("open LUT: %w", err)
+	}
+	defer f.Close()
+	for i := 0; i < rp.p.Segments(); i++ {
+		if err := rp.segment(f, i); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (rp *repairer) segment(lutFile vfs.File, i int) error {
+	ss := rp.p.SectorSize
+	perSeg := rp.p.Split / ss
+	first := int64(i) * perSeg
+	name := segment.Name(rp.path, i)
+	if _, err := rp.fsys.Stat(name); err != nil {
+		return nil // missing segment in leaks mode: nothing to do here
+	}
+	e, err := readEntries(lutFile, rp.p, i)
+	if err != nil {
+		return err
+	}
+	f, err := rp.fsys.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("open segment %d: %w", i, err)
+	}
+	defer f.Close()
+	size, err := f.Size()
+	if err != nil {
+		return err
+	}
+	fileSlots := size / ss
+	changed := make([]bool, len(e))
+	dirtyLUT, dirtySeg := false, false
+	// Entries past the end: unmap (they could not be read).
+	if rp.all {
+		for j := 0; j < len(e); {
+			if e[j] == lut.Unallocated || int64(e[j]) < fileSlots {
+				j++
+				continue
+			}
+			k := j
+			for k < len(e) && e[k] != lut.Unallocated && int64(e[k]) >= fileSlots {
+				e[k], changed[k] = lut.Unallocated, true
+				k++
+			}
+			rp.rep.add(RepairAction{File: name, Segment: i, Sector: first + int64(j), Slot: -1, Count: int64(k - j), Lost: true,
+				Message: fmt.Sprintf("LUT entry pointed past the end of the segment file (%d slots), reads failed: unmapped, reads as zeros", fileSlots)})
+			dirtyLUT = true
+			j = k
+		}
+	}
+	// A partial slot at the end that no entry reaches is a leak: cut it.
+	if size%ss != 0 {
+		reached := false
+		for _, v := range e {
+			if v != lut.Unallocated && int64(v) >= fileSlots {
+				reached = true
+			}
+		}
+		if !reached {
+			if err := f.Truncate(fileSlots * ss); err != nil {
+				return fmt.Errorf("truncate %s: %w", name, err)
+			}
+			dirtySeg = true
+			rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: fileSlots, Count: 1,
+				Message: fmt.Sprintf("partial slot at the end of the file (%d bytes) removed", size%ss)})
+			size = fileSlots * ss
+		}
+	}
+	// Shared slots: give every later owner its own copy.
+	if rp.all {
+		owner := make(map[uint32]int, 1024)
+		next := (size + ss - 1) / ss
+		buf := make([]byte, ss)
+		for j, v := range e {
+			if v == lut.Unallocated || int64(v) >= fileSlots {
+				continue
+			}
+			o, dup := owner[v]
+			if !dup {
+				owner[v] = j
+				continue
+			}
+			if next > maxSlot {
+				return fmt.Errorf("segment %d: no slot number left to copy shared slot %d", i, v)
+			}
+			if n, err := f.ReadAt(buf, int64(v)*ss); n != len(buf) {
+				return fmt.Errorf("read slot %d of %s: %w", v, name, err)
+			}
+			if _, err := f.WriteAt(buf, next*ss); err != nil {
+				return fmt.Errorf("write slot %d of %s: %w", next, name, err)
+			}
+			rp.rep.add(RepairAction{File: name, Segment: i, Sector: first + int64(j), Slot: int64(v), Count: 1,
+				Message: fmt.Sprintf("shared slot %d with sector %d: given its own copy in slot %d, content unchanged", v, first+int64(o), next)})
+			e[j], changed[j] = uint32(next), true
+			next++
+			dirtyLUT, dirtySeg = true, true
+		}
+		fileSlots = next
+	}
+	// Leaks: punch runs of slots no entry references (unless the LUT was
+	// recreated: then the data is all that is left of the disk).
+	if !rp.lutCreated {
+		used := make([]bool, fileSlots)
+		for _, v := range e {
+			if v != lut.Unallocated && int64(v) < fileSlots {
+				used[v] = true
+			}
+		}
+		if err := rp.punchLeaks(f, name, i, used); err != nil {
+			return err
+		}
+	}
+	if dirtySeg {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", name, err)
+		}
+	}
+	if dirtyLUT {
+		raw := encodeEntries(e)
+		for j := 0; j < len(e); j++ {
+			if !changed[j] {
+				continue
+			}
+			off := (first + int64(j)) * lut.EntrySize
+			if _, err := lutFile.WriteAt(raw[j*lut.EntrySize:(j+1)*lut.EntrySize], off); err != nil {
+				return fmt.Errorf("write LUT entry of sector %d at offset %d: %w", first+int64(j), off, err)
+			}
+		}
+		if err := lutFile.Sync(); err != nil {
+			return fmt.Errorf("sync LUT: %w", err)
+		}
+	}
+	return nil
+}
+
+// punchLeaks punches every run of unreferenced slots that holds data.
+func (rp *repairer) punchLeaks(f vfs.File, name string, i int, used []bool) error {
+	ss := rp.p.SectorSize
+	buf := make([]byte, ss)
+	punched := false
+	for a := int64(0); a < int64(len(used)); {
+		if used[a] {
+			a++
+			continue
+		}
+		b := a
+		data := false
+		for b < int64(len(used)) && !used[b] {
+			if !data {
+				if n, _ := f.ReadAt(buf, b*ss); n == len(buf) && !isZero(buf) {
+					data = true
+				}
+			}
+			b++
+		}
+		if data {
+			if err := f.PunchHole(a*ss, (b-a)*ss); err != nil {
+				return fmt.Errorf("punch slots %d-%d of %s: %w", a, b-1, name, err)
+			}
+			punched = true
+			rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: a, Count: b - a,
+				Message: fmt.Sprintf("%d leaked slot(s) no entry references: punched (no sector changed)", b-a)})
+		}
+		a = b
+	}
+	if punched {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("sync %s: %w", name, err)
+		}
+	}
+	return nil
+}

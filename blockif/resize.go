@@ -1,0 +1,458 @@
+package blockif
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"strings"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// ResizeOptions tune Resize.
+type ResizeOptions struct {
+	// FS is the file system; nil means the operating system's.
+	FS vfs.FS
+	// AllowShrink must be set to make the disk smaller.
+	AllowShrink bool
+	// Force drops allocated data past the new end instead of refusing.
+	Force bool
+}
+
+// ResizeReport tells what Resize did.
+type ResizeReport struct {
+	Image   string `json:"image"`
+	OldSize int64  `json:"old_size"`
+	NewSize int64  `json:"new_size"`
+	// DroppedSectors counts allocated sectors (sparse) or sectors holding
+	// non-zero bytes (split, raw) cut off by a forced shrink.
+	DroppedSectors int64 `json:"dropped_sectors"`
+	// FirstDropped is the first such sector, -1 if none.
+	FirstDropped int64 `json:"first_dropped"`
+}
+
+// ResolveSize turns a resize argument into a size: "20G" is absolute,
+// "+1G" and "-512M" are relative to cur.
+func ResolveSize(cur int64, spec string) (int64, error) {
+	s := strings.TrimSpace(spec)
+	sign := int64(0)
+	switch {
+	case strings.HasPrefix(s, "+"):
+		sign, s = 1, s[1:]
+	case strings.HasPrefix(s, "-"):
+		sign, s = -1, s[1:]
+	}
+	n, err := ParseSize(s)
+	if err != nil {
+		return 0, err
+	}
+	switch sign {
+	case 1:
+		if n > (1<<63-1)-cur {
+			return 0, fmt.Errorf("%w: size %d + %d overflows", ErrInvalid, cur, n)
+		}
+		return cur + n, nil
+	case -1:
+		if n >= cur {
+			return 0, fmt.Errorf("%w: cannot shrink a %d-byte disk by %d bytes", ErrInvalid, cur, n)
+		}
+		return cur - n, nil
+	}
+	return n, nil
+}
+
+// Resize changes the virtual size of the image at path.
+//
+// Growing creates the new segment files and extends the LUT with
+// unallocated entries, makes them durable, and then writes the descriptor
+// with the new size: the descriptor is the commit point. The descriptor
+// carries intent = resize meanwhile, so an interrupted grow is rolled back
+// (the new files removed) by the next Open for writing.
+//
+// Shrinking needs AllowShrink and refuses (ErrDataPastEnd, naming the first
+// sector) while allocated data lies past the new end, unless Force. The
+// descriptor with the new size is written first (commit), then the files
+// are cut to the new geometry.
+func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error) {
+	if o == nil {
+		o = &ResizeOptions{}
+	}
+	fsys := o.FS
+	if fsys == nil {
+		fsys = vfs.OS{}
+	}
+	fi, err := fsys.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("resize: %w", err)
+	}
+	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	if err != nil {
+		return nil, err
+	}
+	lock, err := fsys.Lock(path, true)
+	if err != nil {
+		if errors.Is(err, vfs.ErrLocked) {
+			return nil, fmt.Errorf("%w: %s is open elsewhere", ErrInUse, path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	defer lock.Close()
+	if !isDesc {
+		return resizeRaw(fsys, path, fi.Size(), newSize, o)
+	}
+	desc, err := ReadDescriptor(fsys, path)
+	if err != nil {
+		return nil, err
+	}
+	if err := finishIntent(fsys, path, desc); err != nil {
+		return nil, err
+	}
+	desc.Intent = ""
+	rep := &ResizeReport{Image: path, OldSize: desc.Size, NewSize: newSize, FirstDropped: -1}
+	np := desc.Params
+	np.Size = newSize
+	if newSize%desc.SectorSize != 0 {
+		return nil, fmt.Errorf("%w: new size %d is not a multiple of the sector size %d", ErrInvalid, newSize, desc.SectorSize)
+	}
+	if err := np.Validate(); err != nil {
+		return nil, err
+	}
+	switch {
+	case newSize == desc.Size:
+		return rep, nil
+	case newSize > desc.Size:
+		return rep, grow(fsys, path, desc, np)
+	}
+	if !o.AllowShrink {
+		return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, desc.Size)
+	}
+	if err := findDataPastEnd(fsys, path, desc.Params, newSize, rep); err != nil {
+		return nil, err
+	}
+	if rep.FirstDropped >= 0 && !o.Force {
+		return nil, fmt.Errorf("%w: %s: sector %d (offset %d) and %d more sector(s) past the new end %d hold data; use --force to drop them",
+			ErrDataPastEnd, path, rep.FirstDropped, rep.FirstDropped*desc.SectorSize, rep.DroppedSectors-1, newSize)
+	}
+	desc.Params = np
+	if err := setIntent(fsys, path, &desc, IntentResize); err != nil { // commit
+		return nil, err
+	}
+	if err := trimToGeometry(fsys, path, np); err != nil {
+		return nil, err
+	}
+	desc.Intent = ""
+	return rep, WriteDescriptor(fsys, path, desc)
+}
+
+// grow adds segment files and LUT entries for np, then commits np.
+func grow(fsys vfs.FS, path string, desc Descriptor, np Params) error {
+	old := desc.Params
+	if err := setIntent(fsys, path, &desc, IntentResize); err != nil {
+		return err
+	}
+	oldN, newN := old.Segments(), np.Segments()
+	if old.Layout == LayoutSplit {
+		// The old last segment may have been short: lengthen it.
+		name := segment.Name(path, oldN-1)
+		if err := truncateFile(fsys, name, min(np.Split, np.Size-int64(oldN-1)*np.Split), true); err != nil {
+			return err
+		}
+	}
+	for i := oldN; i < newN; i++ {
+		name := segment.Name(path, i)
+		if fi, err := fsys.Stat(name); err == nil && fi.Size() > 0 {
+			return fmt.Errorf("%w: segment file %s already exists beyond the image's %d segments; run `sparsedisk check -r all` first", ErrCorrupt, name, oldN)
+		}
+		f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
+		if err != nil {
+			return fmt.Errorf("create segment: %w", err)
+		}
+		if np.Layout == LayoutSplit {
+			if err = f.Truncate(min(np.Split, np.Size-int64(i)*np.Split)); err == nil {
+				err = f.Sync()
+			}
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("create segment %s: %w", name, err)
+		}
+	}
+	if np.Layout == LayoutSparse {
+		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("open LUT: %w", err)
+		}
+		err = fillFF(f, old.Sectors()*lut.EntrySize, np.Sectors()*lut.EntrySize)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return fmt.Errorf("extend LUT %s: %w", path+lut.Suffix, err)
+		}
+	}
+	if err := syncDirOf(fsys, path); err != nil {
+		return err
+	}
+	desc.Params, desc.Intent = np, ""
+	return WriteDescriptor(fsys, path, desc) // commit
+}
+
+// fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f.
+func fillFF(f vfs.File, from, to int64) error {
+	buf := make([]byte, min(to-from, 1<<20))
+	for i := range buf {
+		buf[i] = 0xFF
+	}
+	for off := from; off < to; {
+		c := min(to-off, int64(len(buf)))
+		if _, err := f.WriteAt(buf[:c], off); err != nil {
+			return fmt.Errorf("offset %d: %w", off, err)
+		}
+		off += c
+	}
+	return nil
+}
+
+// truncateFile sets a file's length durably. With onlyGrow it never
+// shortens the file.
+func truncateFile(fsys vfs.FS, name string, size int64, onlyGrow bool) error {
+	f, err := fsys.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	cur, err := f.Size()
+	if err != nil {
+		return err
+	}
+	if cur == size || (onlyGrow && cur > size) {
+		return nil
+	}
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("truncate %s to %d: %w", name, size, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", name, err)
+	}
+	return nil
+}
+
+// findDataPastEnd records in rep the data that lies at or past newSize.
+func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport) error {
+	ss := p.SectorSize
+	if p.Layout == LayoutSparse {
+		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDONLY, 0)
+		if err != nil {
+			return fmt.Errorf("open LUT: %w", err)
+		}
+		defer f.Close()
+		perSeg := p.Split / ss
+		from := newSize / ss
+		for i := int(from / perSeg); i < p.Segments(); i++ {
+			e, err := readEntries(f, p, i)
+			if err != nil {
+				return err
+			}
+			for j, v := range e {
+				sec := int64(i)*perSeg + int64(j)
+				if sec >= from && v != lut.Unallocated {
+					if rep.FirstDropped < 0 {
+						rep.FirstDropped = sec
+					}
+					rep.DroppedSectors++
+				}
+			}
+		}
+		return nil
+	}
+	// split: look for non-zero bytes.
+	buf := make([]byte, 1<<20)
+	for off := newSize; off < p.Size; {
+		i := off / p.Split
+		in := off % p.Split
+		c := min(int64(len(buf)), p.Split-in, p.Size-off)
+		if err := readPadded(fsys, segment.Name(path, int(i)), buf[:c], in); err != nil {
+			return err
+		}
+		for s := int64(0); s < c; s += ss {
+			if !isZero(buf[s:min(s+ss, c)]) {
+				if rep.FirstDropped < 0 {
+					rep.FirstDropped = (off + s) / ss
+				}
+				rep.DroppedSectors++
+			}
+		}
+		off += c
+	}
+	return nil
+}
+
+// readPadded reads p at off of the named file; bytes past its end read as
+// zeros.
+func readPadded(fsys vfs.FS, name string, p []byte, off int64) error {
+	f, err := fsys.OpenFile(name, os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	n, err := f.ReadAt(p, off)
+	if n < len(p) {
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read %s at offset %d: %w", name, off, err)
+		}
+		clear(p[n:])
+	}
+	return nil
+}
+
+// trimToGeometry cuts the files down to the geometry p: slots of the last
+// segment referenced only by LUT entries past the end are punched, the LUT
+// is truncated to one entry per sector, segment files past the last are
+// removed, and a split image's last segment is cut to its length. It never
+// touches data inside the disk; it is the recovery of intent = resize.
+func trimToGeometry(fsys vfs.FS, path string, p Params) error {
+	ss := p.SectorSize
+	last := p.Segments() - 1
+	lastName := segment.Name(path, last)
+	if p.Layout == LayoutSparse {
+		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("open LUT: %w", err)
+		}
+		defer f.Close()
+		size, err := f.Size()
+		if err != nil {
+			return err
+		}
+		want := p.Sectors() * lut.EntrySize
+		if size > want {
+			perSeg := p.Split / ss
+			segEnd := min((int64(last)+1)*perSeg*lut.EntrySize, size)
+			if segEnd > want {
+				buf := make([]byte, segEnd-want)
+				if _, err := f.ReadAt(buf, want); err != nil {
+					return fmt.Errorf("read LUT tail: %w", err)
+				}
+				if err := punchSlots(fsys, lastName, ss, buf); err != nil {
+					return err
+				}
+			}
+			if err := f.Truncate(want); err != nil {
+				return fmt.Errorf("truncate LUT to %d: %w", want, err)
+			}
+			if err := f.Sync(); err != nil {
+				return fmt.Errorf("sync LUT: %w", err)
+			}
+		}
+	}
+	removed := false
+	for i := last + 1; ; i++ {
+		r, err := removeIfExists(fsys, segment.Name(path, i))
+		if err != nil {
+			return err
+		}
+		if !r {
+			break
+		}
+		removed = true
+	}
+	if removed {
+		if err := syncDirOf(fsys, path); err != nil {
+			return err
+		}
+	}
+	if p.Layout == LayoutSplit {
+		want := min(p.Split, p.Size-int64(last)*p.Split)
+		if fi, err := fsys.Stat(lastName); err == nil && fi.Size() > want {
+			return truncateFile(fsys, lastName, want, false)
+		}
+	}
+	return nil
+}
+
+// punchSlots punches the slots named by the encoded LUT entries raw in the
+// segment file name.
+func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte) error {
+	f, err := fsys.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	defer f.Close()
+	size, err := f.Size()
+	if err != nil {
+		return err
+	}
+	punched := false
+	for _, v := range decodeEntries(raw) {
+		if v != lut.Unallocated && int64(v) < size/ss {
+			if err := f.PunchHole(int64(v)*ss, ss); err != nil {
+				return fmt.Errorf("punch slot %d of %s: %w", v, name, err)
+			}
+			punched = true
+		}
+	}
+	if punched {
+		return f.Sync()
+	}
+	return nil
+}
+
+// resizeRaw resizes a plain raw image file.
+func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (*ResizeReport, error) {
+	rep := &ResizeReport{Image: path, OldSize: cur, NewSize: newSize, FirstDropped: -1}
+	if newSize <= 0 {
+		return nil, fmt.Errorf("%w: size %d must be positive", ErrInvalid, newSize)
+	}
+	if newSize < cur {
+		if !o.AllowShrink {
+			return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, cur)
+		}
+		p := Params{Layout: LayoutSplit, Size: cur, Split: cur, SectorSize: 512}
+		if err := findDataPastEndRaw(fsys, path, p, newSize, rep); err != nil {
+			return nil, err
+		}
+		if rep.FirstDropped >= 0 && !o.Force {
+			return nil, fmt.Errorf("%w: %s: sector %d (offset %d) and %d more sector(s) past the new end %d hold data; use --force to drop them",
+				ErrDataPastEnd, path, rep.FirstDropped, rep.FirstDropped*512, rep.DroppedSectors-1, newSize)
+		}
+	}
+	if newSize == cur {
+		return rep, nil
+	}
+	return rep, truncateFile(fsys, path, newSize, false)
+}
+
+// findDataPastEndRaw is findDataPastEnd for one plain file.
+func findDataPastEndRaw(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport) error {
+	buf := make([]byte, 1<<20)
+	for off := newSize; off < p.Size; {
+		c := min(int64(len(buf)), p.Size-off)
+		if err := readPadded(fsys, path, buf[:c], off); err != nil {
+			return err
+		}
+		for s := int64(0); s < c; {
+			e := min((off+s)/512*512+512-off, c)
+			if !isZero(buf[s:e]) {
+				if rep.FirstDropped < 0 {
+					rep.FirstDropped = (off + s) / 512
+				}
+				rep.DroppedSectors++
+			}
+			s = e
+		}
+		off += c
+	}
+	return nil
+}

@@ -1,0 +1,322 @@
+package blockif
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+// fragment fills an open image with a fragmenting workload: writes of
+// random data at random places (so slots come out of logical order),
+// trims, and zero overwrites of allocated sectors (which stay allocated).
+// It returns the disk's expected content.
+func fragment(t testing.TB, d *Disk, rng *rand.Rand, ops int) []byte {
+	t.Helper()
+	size, ss := d.Size(), d.SectorSize()
+	model := make([]byte, size)
+	for i := 0; i < ops; i++ {
+		off := rng.Int64N(size/ss) * ss
+		n := min((1+rng.Int64N(4))*ss, size-off)
+		switch k := rng.IntN(10); {
+		case k < 6:
+			p := randBytes(rng, int(n))
+			if _, err := d.WriteAt(p, off); err != nil {
+				t.Fatalf("WriteAt(%d, %d): %v", off, n, err)
+			}
+			copy(model[off:], p)
+		case k < 8:
+			if err := d.Trim(off, n); err != nil {
+				t.Fatalf("Trim(%d, %d): %v", off, n, err)
+			}
+			clear(model[off : off+n])
+		default:
+			if _, err := d.WriteAt(make([]byte, n), off); err != nil {
+				t.Fatalf("WriteAt zeros(%d, %d): %v", off, n, err)
+			}
+			clear(model[off : off+n])
+		}
+	}
+	// Sectors right at both ends of the disk.
+	for _, off := range []int64{0, size - ss} {
+		p := randBytes(rng, int(ss))
+		if _, err := d.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	return model
+}
+
+// content reads a whole image through a read-only Disk.
+func content(t testing.TB, path string, fsys vfs.FS) []byte {
+	t.Helper()
+	d := mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+	defer d.Close()
+	all := make([]byte, d.Size())
+	if _, err := d.ReadAt(all, 0); err != nil {
+		t.Fatalf("read %s: %v", path, err)
+	}
+	return all
+}
+
+// addLeak appends a slot of garbage to segment i: data no entry references.
+func addLeak(t testing.TB, fsys vfs.FS, path string, i int, ss int64) {
+	t.Helper()
+	if fsys == nil {
+		fsys = vfs.OS{}
+	}
+	f, err := fsys.OpenFile(segment.Name(path, i), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	size, _ := f.Size()
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xA5}, int(ss)), (size+ss-1)/ss*ss); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fileDigest maps every file of the image's directory to its content.
+func fileDigest(t testing.TB, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = string(b)
+	}
+	return out
+}
+
+func sameDigest(t testing.TB, what string, a, b map[string]string) {
+	t.Helper()
+	if len(a) != len(b) {
+		t.Errorf("%s: files changed: %d before, %d after", what, len(a), len(b))
+	}
+	names := make([]string, 0, len(a))
+	for n := range a {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if a[n] != b[n] {
+			t.Errorf("%s: file %s changed", what, n)
+		}
+	}
+}
+
+func TestShrinkFragmented(t *testing.T) {
+	geoms := []Params{
+		{Layout: LayoutSparse, Size: 5*(256<<10) + 3*4096, Split: 256 << 10, SectorSize: 4096},
+		{Layout: LayoutSparse, Size: 3*(64<<10) + 7*512, Split: 64 << 10, SectorSize: 512},
+	}
+	for _, p := range geoms {
+		for _, fsName := range []string{"os", "mem"} {
+			t.Run(fmt.Sprintf("ss%d-%s", p.SectorSize, fsName), func(t *testing.T) {
+				seed := uint64(time.Now().UnixNano())
+				t.Logf("seed %d", seed)
+				rng := rand.New(rand.NewPCG(seed, 3))
+				var fsys vfs.FS
+				if fsName == "mem" {
+					fsys = vfs.NewMemFS()
+				}
+				path := testImage(t, p, fsys, false)
+				d := mustOpen(t, path, &Options{FS: fsys})
+				model := fragment(t, d, rng, 400)
+				if err := d.Close(); err != nil {
+					t.Fatal(err)
+				}
+				addLeak(t, fsys, path, 1, p.SectorSize)
+				before := mustCheck(t, path, fsys, true)
+				if before.Fragments == 0 || before.LeakedSlots == 0 {
+					t.Fatalf("workload made no fragments (%d) or leaks (%d)", before.Fragments, before.LeakedSlots)
+				}
+				dry, err := Shrink(path, &ShrinkOptions{FS: fsys, DryRun: true})
+				if err != nil {
+					t.Fatalf("dry run: %v", err)
+				}
+				rep, err := Shrink(path, &ShrinkOptions{FS: fsys})
+				if err != nil {
+					t.Fatalf("Shrink: %v", err)
+				}
+				t.Logf("shrink: %+v", *rep)
+				if dry.LiveBytes != rep.LiveBytes || dry.Compacted != rep.Compacted {
+					t.Errorf("dry run predicted %+v, shrink did %+v", *dry, *rep)
+				}
+				if got := content(t, path, fsys); !bytes.Equal(got, model) {
+					t.Fatalf("content differs after shrink at byte %d", firstDiff(got, model))
+				}
+				d = mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+				st, err := d.Stats()
+				d.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if st.Fragments != 0 || st.LeakedSlots != 0 {
+					t.Errorf("after shrink: fragments %d, leaked slots %d; want 0, 0", st.Fragments, st.LeakedSlots)
+				}
+				if st.AllocatedBytes != rep.LiveBytes {
+					t.Errorf("allocated %d, shrink kept %d live bytes", st.AllocatedBytes, rep.LiveBytes)
+				}
+				lutBytes := (p.Sectors()*lut.EntrySize + 4095) / 4096 * 4096
+				if bound := st.AllocatedBytes + lutBytes + 4096; p.SectorSize == 4096 && st.OnDiskBytes > bound {
+					t.Errorf("on-disk %d bytes > live %d + LUT %d + descriptor", st.OnDiskBytes, st.AllocatedBytes, lutBytes)
+				}
+				var nz int64
+				for s := int64(0); s < p.Size; s += p.SectorSize {
+					if !isZero(model[s : s+p.SectorSize]) {
+						nz++
+					}
+				}
+				if rep.LiveBytes != nz*p.SectorSize {
+					t.Errorf("live bytes %d, model holds %d non-zero sectors", rep.LiveBytes, nz)
+				}
+				// A second shrink has nothing to do.
+				rep2, err := Shrink(path, &ShrinkOptions{FS: fsys})
+				if err != nil || rep2.Compacted != 0 {
+					t.Errorf("second shrink: %+v, %v; want nothing compacted", rep2, err)
+				}
+			})
+		}
+	}
+}
+
+// TestShrinkDryRunReadOnly: a dry run and a check change no byte.
+func TestShrinkDryRunReadOnly(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 4 * (64 << 10), Split: 64 << 10, SectorSize: 4096}
+	path := testImage(t, p, nil, true)
+	d := mustOpen(t, path, nil)
+	fragment(t, d, rand.New(rand.NewPCG(1, 2)), 100)
+	d.Close()
+	addLeak(t, nil, path, 0, 4096)
+	before := fileDigest(t, filepath.Dir(path))
+	if _, err := Shrink(path, &ShrinkOptions{DryRun: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := CheckImage(path, nil); err != nil {
+		t.Fatal(err)
+	}
+	sameDigest(t, "dry run + check", before, fileDigest(t, filepath.Dir(path)))
+}
+
+func TestShrinkRefusesCorruptAndOtherLayouts(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
+	path := testImage(t, p, nil, true)
+	t.Cleanup(func() { Repair(path, RepairAll, nil) })
+	d := mustOpen(t, path, nil)
+	d.WriteAt(bytes.Repeat([]byte{1}, 4096), 0)
+	d.Close()
+	setEntry(t, nil, path, 1, 99)
+	if _, err := Shrink(path, nil); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("shrink of corrupt image: %v, want ErrCorrupt", err)
+	}
+	sp := testImage(t, Params{Layout: LayoutSplit, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}, nil, false)
+	if _, err := Shrink(sp, nil); !errors.Is(err, ErrInvalid) {
+		t.Errorf("shrink of split image: %v, want ErrInvalid", err)
+	}
+}
+
+// setEntry writes LUT entry of sector sec directly.
+func setEntry(t testing.TB, fsys vfs.FS, path string, sec int64, v uint32) {
+	t.Helper()
+	if fsys == nil {
+		fsys = vfs.OS{}
+	}
+	f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(encodeEntries([]uint32{v}), sec*lut.EntrySize); err != nil {
+		t.Fatal(err)
+	}
+	f.Sync()
+}
+
+// TestShrinkCrash cuts power after every single I/O step of a shrink
+// (k = 0..N) on the crash-simulating file system. After each crash the
+// image opens (finishing or rolling back the shrink), reads exactly as
+// before, and Check finds no corruption; a repeated shrink completes.
+func TestShrinkCrash(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 4))
+	for _, p := range []Params{
+		{Layout: LayoutSparse, Size: 4*(32<<10) + 2*4096, Split: 32 << 10, SectorSize: 4096},
+		{Layout: LayoutSparse, Size: 3*(8<<10) + 512, Split: 8 << 10, SectorSize: 512},
+	} {
+		base := vfs.NewMemFS()
+		path := "/img/disk.img"
+		if err := Create(path, p, &Options{FS: base}); err != nil {
+			t.Fatal(err)
+		}
+		d := mustOpen(t, path, &Options{FS: base})
+		want := fragment(t, d, rng, 150)
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+		addLeak(t, base, path, 0, p.SectorSize)
+		probe := base.Crash(rng)
+		ops0 := probe.Ops()
+		if _, err := Shrink(path, &ShrinkOptions{FS: probe}); err != nil {
+			t.Fatal(err)
+		}
+		n := probe.Ops() - ops0
+		for k := int64(0); k <= n; k++ {
+			m := base.Crash(rng)
+			m.SetCrashAfter(k)
+			_, err := Shrink(path, &ShrinkOptions{FS: m})
+			if err != nil && !errors.Is(err, vfs.ErrCrashed) {
+				t.Fatalf("k=%d: shrink: %v", k, err)
+			}
+			after := m.Crash(rng)
+			d, err := Open(path, &Options{FS: after})
+			if err != nil {
+				t.Fatalf("seed %d k=%d: open after crash: %v", seed, k, err)
+			}
+			got := make([]byte, d.Size())
+			if _, err := d.ReadAt(got, 0); err != nil {
+				t.Fatalf("seed %d k=%d: read after crash: %v", seed, k, err)
+			}
+			if err := d.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("seed %d k=%d: content differs after crash at byte %d", seed, k, firstDiff(got, want))
+			}
+			r := mustCheck(t, path, after, true)
+			if t.Failed() {
+				t.Fatalf("seed %d k=%d: check after crash failed", seed, k)
+			}
+			if k%7 == 0 { // a repeated shrink completes the job
+				if _, err := Shrink(path, &ShrinkOptions{FS: after}); err != nil {
+					t.Fatalf("k=%d: shrink after crash: %v", k, err)
+				}
+				r = mustCheck(t, path, after, false)
+				if r.Fragments != 0 || !bytes.Equal(content(t, path, after), want) {
+					t.Fatalf("k=%d: shrink after crash: fragments %d or content differs", k, r.Fragments)
+				}
+			}
+		}
+		t.Logf("%+v: crashed at each of %d I/O steps of shrink; content identical, no corruption", p, n+1)
+	}
+}
