@@ -1,0 +1,289 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/nbd"
+	"github.com/urfave/cli/v2"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "serve",
+		Usage:     "serve images over NBD (qemu, libnbd tools, nbd-client, /dev/nbdX)",
+		ArgsUsage: "IMAGE[:NAME] ...",
+		Description: "Serves each IMAGE as an NBD export called NAME (default: the image's file name);\n" +
+			"the first one is also the default export (empty name). All connections share one\n" +
+			"engine per image, so multi-conn clients and FLUSH across connections are safe.\n\n" +
+			"Listens on 127.0.0.1:10809 unless --listen or --socket say otherwise; under systemd\n" +
+			"socket activation (LISTEN_FDS) it uses the sockets it was given. Prints the nbd://\n" +
+			"URI of every export. SIGINT or SIGTERM stop it gracefully: no new connections,\n" +
+			"requests in flight are answered, images are flushed and closed clean, exit 0.\n\n" +
+			"Examples:\n" +
+			"   sparsedisk serve disk.img\n" +
+			"   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk.img,format=raw,if=virtio\n" +
+			"   sparsedisk serve --listen 0.0.0.0:10809 --tls require --tls-cert s.pem --tls-key s.key vm1.img:vm1 vm2.img:vm2\n" +
+			"   sparsedisk serve --socket /run/disk.sock --read-only base.img",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "listen", Aliases: []string{"l"}, Value: "127.0.0.1:10809", Usage: "TCP `ADDRESS` to listen on"},
+			&cli.StringFlag{Name: "socket", Usage: "Unix socket `PATH` to listen on (instead of TCP unless --listen is given too)"},
+			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "serve every image read-only"},
+			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it is acknowledged (slow)"},
+			&cli.IntFlag{Name: "max-connections", Usage: "refuse connections beyond `N` (0 = unlimited)"},
+			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating in this time"},
+			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight"},
+			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
+		}, tlsFlags()...),
+		Action: serveAction,
+	})
+}
+
+// tlsFlags are shared by commands that serve NBD over the network.
+func tlsFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "tls", Value: "off", Usage: "TLS `MODE`: off, on (clients may upgrade) or require (nothing is revealed before STARTTLS)"},
+		&cli.StringFlag{Name: "tls-cert", Usage: "server certificate `FILE` (PEM)"},
+		&cli.StringFlag{Name: "tls-key", Usage: "server private key `FILE` (PEM)"},
+		&cli.StringFlag{Name: "tls-ca", Usage: "CA `FILE` (PEM): clients must present a certificate it signed"},
+	}
+}
+
+// tlsConfig builds the server's TLS setup from the flags.
+func tlsConfig(c *cli.Context) (nbd.TLSMode, *tls.Config, error) {
+	mode, err := nbd.ParseTLSMode(c.String("tls"))
+	if err != nil {
+		return mode, nil, err
+	}
+	if mode == nbd.TLSOff {
+		if c.IsSet("tls-cert") || c.IsSet("tls-key") || c.IsSet("tls-ca") {
+			return mode, nil, errors.New("--tls-cert, --tls-key and --tls-ca need --tls on or --tls require")
+		}
+		return mode, nil, nil
+	}
+	if c.String("tls-cert") == "" || c.String("tls-key") == "" {
+		return mode, nil, fmt.Errorf("--tls %s needs --tls-cert and --tls-key", mode)
+	}
+	cert, err := tls.LoadX509KeyPair(c.String("tls-cert"), c.String("tls-key"))
+	if err != nil {
+		return mode, nil, fmt.Errorf("loading TLS certificate: %w", err)
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if ca := c.String("tls-ca"); ca != "" {
+		pem, err := os.ReadFile(ca)
+		if err != nil {
+			return mode, nil, fmt.Errorf("reading TLS CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return mode, nil, fmt.Errorf("%s holds no PEM certificate", ca)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return mode, cfg, nil
+}
+
+// imageArg splits IMAGE[:NAME]. A path that exists as given is taken whole,
+// so image paths containing colons still work.
+func imageArg(arg string) (path, name string) {
+	path = arg
+	if _, err := os.Stat(arg); err != nil {
+		if i := strings.LastIndexByte(arg, ':'); i > 0 && !strings.Contains(arg[i+1:], "/") {
+			path, name = arg[:i], arg[i+1:]
+		}
+	}
+	if name == "" {
+		name = filepath.Base(path)
+	}
+	return path, name
+}
+
+// activationListeners returns the sockets passed by systemd socket
+// activation (LISTEN_PID/LISTEN_FDS, first fd 3), or nil.
+func activationListeners() ([]net.Listener, error) {
+	pid, err := strconv.Atoi(os.Getenv("LISTEN_PID"))
+	if err != nil || pid != os.Getpid() {
+		return nil, nil
+	}
+	n, err := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	if err != nil || n <= 0 {
+		return nil, nil
+	}
+	os.Unsetenv("LISTEN_PID")
+	os.Unsetenv("LISTEN_FDS")
+	os.Unsetenv("LISTEN_FDNAMES")
+	var ls []net.Listener
+	for fd := 3; fd < 3+n; fd++ {
+		syscall.CloseOnExec(fd)
+		f := os.NewFile(uintptr(fd), fmt.Sprintf("LISTEN_FD_%d", fd))
+		l, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			for _, l := range ls {
+				l.Close()
+			}
+			return nil, fmt.Errorf("socket activation fd %d: %w", fd, err)
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
+// exportURI is the URI a client uses to reach export name on l.
+func exportURI(l net.Listener, name string, tlsOn bool) string {
+	scheme := "nbd"
+	if tlsOn {
+		scheme = "nbds"
+	}
+	if ua, ok := l.Addr().(*net.UnixAddr); ok {
+		return fmt.Sprintf("%s+unix:///%s?socket=%s", scheme, url.PathEscape(name), url.QueryEscape(ua.Name))
+	}
+	host := l.Addr().String()
+	if ta, ok := l.Addr().(*net.TCPAddr); ok && ta.IP.IsUnspecified() {
+		host = net.JoinHostPort("localhost", strconv.Itoa(ta.Port))
+	}
+	return fmt.Sprintf("%s://%s/%s", scheme, host, url.PathEscape(name))
+}
+
+func serveAction(c *cli.Context) error {
+	if c.NArg() == 0 {
+		return errors.New("serve needs at least one IMAGE[:NAME]")
+	}
+	level := slog.LevelInfo
+	if c.Bool("debug") {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
+	mode, tcfg, err := tlsConfig(c)
+	if err != nil {
+		return err
+	}
+
+	ro := c.Bool("read-only")
+	var disks []*blockif.Disk
+	closeAll := func() error {
+		var first error
+		for _, d := range disks {
+			if err := d.Close(); err != nil {
+				log.Error("closing image", "image", d.Path(), "err", err)
+				first = firstErr(first, err)
+				continue
+			}
+			log.Info("image closed clean", "image", d.Path())
+		}
+		return first
+	}
+	var exports []nbd.Export
+	for _, arg := range c.Args().Slice() {
+		path, name := imageArg(arg)
+		d, err := blockif.Open(path, &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log})
+		if err != nil {
+			closeAll()
+			if errors.Is(err, blockif.ErrInUse) {
+				return fmt.Errorf("%s is in use by another process (served or mounted elsewhere?): %w", path, err)
+			}
+			return fmt.Errorf("open %s: %w", path, err)
+		}
+		disks = append(disks, d)
+		exports = append(exports, nbd.Export{Name: name, Description: path, Backend: d})
+	}
+	srv, err := nbd.NewServer(nbd.Config{
+		TLS:              mode,
+		TLSConfig:        tcfg,
+		MaxConnections:   c.Int("max-connections"),
+		HandshakeTimeout: c.Duration("handshake-timeout"),
+		Logger:           log,
+	}, exports...)
+	if err != nil {
+		closeAll()
+		return err
+	}
+
+	listeners, err := activationListeners()
+	if err != nil {
+		closeAll()
+		return err
+	}
+	if listeners != nil {
+		log.Info("using socket activation", "sockets", len(listeners))
+	} else {
+		if p := c.String("socket"); p != "" {
+			if st, err := os.Lstat(p); err == nil && st.Mode()&os.ModeSocket != 0 {
+				os.Remove(p) // stale socket of an earlier run
+			}
+			l, err := net.Listen("unix", p)
+			if err != nil {
+				closeAll()
+				return err
+			}
+			listeners = append(listeners, l)
+		}
+		if c.String("socket") == "" || c.IsSet("listen") {
+			l, err := net.Listen("tcp", c.String("listen"))
+			if err != nil {
+				for _, l := range listeners {
+					l.Close()
+				}
+				closeAll()
+				return err
+			}
+			listeners = append(listeners, l)
+		}
+	}
+	for _, l := range listeners {
+		for _, e := range exports {
+			fmt.Fprintln(c.App.Writer, exportURI(l, e.Name, mode != nbd.TLSOff))
+		}
+	}
+	log.Info("serving", "exports", len(exports), "read_only", ro, "sync", c.Bool("sync"), "tls", mode.String())
+
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	errc := make(chan error, len(listeners))
+	for _, l := range listeners {
+		go func() { errc <- srv.Serve(l) }()
+	}
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		log.Info("stopping: finishing requests in flight")
+	case serveErr = <-errc:
+		log.Error("listener failed, stopping", "err", serveErr)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), c.Duration("shutdown-timeout"))
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Error("shutdown", "err", err)
+		serveErr = firstErr(serveErr, err)
+	}
+	if p := c.String("socket"); p != "" && c.IsSet("socket") {
+		os.Remove(p)
+	}
+	if err := closeAll(); err != nil {
+		serveErr = firstErr(serveErr, err)
+	}
+	log.Info("stopped")
+	return serveErr
+}
+
+// firstErr returns the first non-nil error.
+func firstErr(a, b error) error {
+	if a != nil {
+		return a
+	}
+	return b
+}

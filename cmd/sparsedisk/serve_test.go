@@ -1,0 +1,368 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+)
+
+// TestHelperProcess is not a test: other tests run the test binary again
+// with SPARSEDISK_HELPER=1 to get a real `sparsedisk` process they can
+// signal. In a normal run it returns at once.
+func TestHelperProcess(t *testing.T) {
+	if os.Getenv("SPARSEDISK_HELPER") != "1" {
+		return
+	}
+	if os.Getenv("SPARSEDISK_HELPER_SETPID") == "1" {
+		// Socket activation: systemd sets LISTEN_PID after fork; do it here.
+		os.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+	}
+	os.Exit(run(append([]string{"sparsedisk"}, flag.Args()...), os.Stdout, os.Stderr))
+}
+
+// serveChild starts `sparsedisk ARGS...` as a child process and returns it
+// with the first URI it printed. The test kills it if it is still running
+// at the end.
+func serveChild(t *testing.T, extra []*os.File, env []string, args ...string) (*exec.Cmd, string, *syncBuffer) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"-test.run=^TestHelperProcess$", "--"}, args...)...)
+	cmd.Env = append(append(os.Environ(), "SPARSEDISK_HELPER=1"), env...)
+	cmd.ExtraFiles = extra
+	stderr := &syncBuffer{}
+	cmd.Stderr = stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	lines := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		first := true
+		for sc.Scan() {
+			if first && strings.HasPrefix(sc.Text(), "nbd") {
+				lines <- sc.Text()
+				first = false
+			}
+		}
+		close(lines)
+	}()
+	select {
+	case u, ok := <-lines:
+		if !ok {
+			cmd.Wait()
+			t.Fatalf("serve printed no URI; stderr:\n%s", stderr)
+		}
+		return cmd, u, stderr
+	case <-time.After(30 * time.Second):
+		t.Fatalf("serve printed no URI in 30s; stderr:\n%s", stderr)
+	}
+	return nil, "", nil
+}
+
+// syncBuffer is a bytes.Buffer safe for one writer and concurrent readers.
+type syncBuffer struct {
+	mu sync.Mutex // protects b
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// newTestImage creates a sparse image with 1 MiB segments and registers a
+// cleanup that fails the test on any corruption blockif.Check reports.
+func newTestImage(t *testing.T, name string, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: 4096}, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { requireClean(t, path, false) })
+	return path
+}
+
+// requireClean fails the test on corruption (and on leaks too if strict).
+func requireClean(t *testing.T, path string, strict bool) {
+	t.Helper()
+	r, err := blockif.Check(path, nil)
+	if err != nil {
+		t.Errorf("check %s: %v", path, err)
+		return
+	}
+	for _, f := range r.Findings {
+		if strict || f.Kind == blockif.Corruption {
+			t.Errorf("check %s: %s", path, f)
+		}
+	}
+}
+
+func peerTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("peer tool %s missing under CI=true", name)
+	}
+	t.Skipf("peer tool %s not installed (apt-get install qemu-utils libnbd-bin python3-libnbd)", name)
+	return ""
+}
+
+func TestServeArgs(t *testing.T) {
+	img := newTestImage(t, "a.img", 1<<20)
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"serve"}, "at least one IMAGE"},
+		{[]string{"serve", "--tls", "maybe", img}, "tls mode"},
+		{[]string{"serve", "--tls", "on", img}, "--tls-cert"},
+		{[]string{"serve", "--tls-cert", "x.pem", img}, "need --tls on"},
+		{[]string{"serve", "--tls", "require", "--tls-cert", "/nonexistent", "--tls-key", "/nonexistent", img}, "TLS certificate"},
+		{[]string{"serve", filepath.Join(t.TempDir(), "missing.img")}, "open"},
+		{[]string{"serve", "--listen", "256.0.0.1:1", img}, "listen"},
+	}
+	for _, tc := range cases {
+		_, stderr, code := sdRun(t, tc.args...)
+		if code == 0 || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%q: exit %d, stderr %q, want it to mention %q", tc.args, code, stderr, tc.want)
+		}
+	}
+}
+
+func TestImageArg(t *testing.T) {
+	dir := t.TempDir()
+	colon := filepath.Join(dir, "odd:name.img")
+	os.WriteFile(colon, nil, 0o644)
+	for _, tc := range []struct{ arg, path, name string }{
+		{"disk.img", "disk.img", "disk.img"},
+		{"vm/disk.img:vm1", "vm/disk.img", "vm1"},
+		{colon, colon, "odd:name.img"},
+		{"/a:b/c.img", "/a:b/c.img", "c.img"},
+	} {
+		p, n := imageArg(tc.arg)
+		if p != tc.path || n != tc.name {
+			t.Errorf("imageArg(%q) = %q, %q; want %q, %q", tc.arg, p, n, tc.path, tc.name)
+		}
+	}
+}
+
+// TestServeInProcess serves two images (TCP and a Unix socket), drives them
+// with peer tools, stops through the context and checks the images.
+func TestServeInProcess(t *testing.T) {
+	qio := peerTool(t, "qemu-io")
+	ni := peerTool(t, "nbdinfo")
+	a := newTestImage(t, "a.img", 64<<20)
+	b := newTestImage(t, "b.img", 16<<20)
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- newApp(stdout, stderr).RunContext(ctx, []string{"sparsedisk", "serve",
+			"--listen", "127.0.0.1:0", "--socket", sock, a, b + ":second"})
+	}()
+	var uris []string
+	for deadline := time.Now().Add(20 * time.Second); len(uris) < 4; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no URIs printed; stdout %q stderr %q", stdout, stderr)
+		}
+		uris = strings.Fields(stdout.String())
+	}
+	want := []string{"nbd+unix:///a.img?socket=", "nbd+unix:///second?socket=", "nbd://127.0.0.1:", "nbd://127.0.0.1:"}
+	for i, w := range want {
+		if !strings.HasPrefix(uris[i], w) {
+			t.Fatalf("URI %d = %q, want prefix %q", i, uris[i], w)
+		}
+	}
+	if !strings.HasSuffix(uris[2], "/a.img") || !strings.HasSuffix(uris[3], "/second") {
+		t.Fatalf("TCP URIs %q", uris[2:])
+	}
+	out, err := exec.Command(qio, "-f", "raw", "-c", "write -P 0x42 1048000 100000", "-c", "read -P 0x42 1048000 100000", uris[2]).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "fail") {
+		t.Fatalf("qemu-io: %v\n%s", err, out)
+	}
+	out, err = exec.Command(ni, "--size", uris[1]).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != strconv.Itoa(16<<20) {
+		t.Fatalf("nbdinfo --size over unix socket: %v %q", err, out)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("serve returned %v; stderr:\n%s", err, stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve did not stop")
+	}
+	if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket left behind: %v", err)
+	}
+	if !strings.Contains(stderr.String(), "image closed clean") {
+		t.Errorf("no clean close logged:\n%s", stderr)
+	}
+	// The images are closed clean (writable open succeeds: lock released)
+	// and hold the data.
+	requireClean(t, a, true)
+	d, err := blockif.Open(a, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	buf := make([]byte, 100000)
+	d.ReadAt(buf, 1048000)
+	if !bytes.Equal(buf, bytes.Repeat([]byte{0x42}, len(buf))) {
+		t.Fatal("data written over NBD not in the image")
+	}
+}
+
+// burstScript writes 64 KiB blocks in bursts of 8 parallel writes, flushes
+// after each burst and reports the number of blocks acknowledged and
+// flushed, until the server goes away.
+const burstScript = `
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+bs, limit = 65536, int(sys.argv[2])
+i = 0
+try:
+    while i < limit:
+        cs = [h.aio_pwrite(bytes([(i + j) % 251 + 1]) * bs, (i + j) * bs) for j in range(8)]
+        for c in cs:
+            while not h.aio_command_completed(c):
+                h.poll(-1)
+        h.flush()
+        i += 8
+        print("flushed", i, flush=True)
+except nbd.Error as e:
+    print("ended:", e, flush=True)
+`
+
+// TestServeSIGTERM sends SIGTERM to a serving process during a write burst:
+// it must exit 0, leave the image clean, and keep every write that was
+// acknowledged and flushed.
+func TestServeSIGTERM(t *testing.T) {
+	if _, err := exec.LookPath("/usr/bin/python3"); err != nil || exec.Command("/usr/bin/python3", "-c", "import nbd").Run() != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("python3-libnbd missing under CI=true")
+		}
+		t.Skip("python3-libnbd not installed")
+	}
+	const blocks = 4096 // 256 MiB
+	img := newTestImage(t, "burst.img", blocks*65536)
+	cmd, uri, stderr := serveChild(t, nil, nil, "serve", "--listen", "127.0.0.1:0", img)
+	script := filepath.Join(t.TempDir(), "burst.py")
+	os.WriteFile(script, []byte(burstScript), 0o644)
+	py := exec.Command("/usr/bin/python3", script, uri, strconv.Itoa(blocks))
+	pout, _ := py.StdoutPipe()
+	py.Stderr = os.Stderr
+	if err := py.Start(); err != nil {
+		t.Fatal(err)
+	}
+	flushed := 0
+	sc := bufio.NewScanner(pout)
+	signalled := false
+	for sc.Scan() {
+		var n int
+		if _, err := fmt.Sscanf(sc.Text(), "flushed %d", &n); err == nil {
+			flushed = n
+		}
+		if !signalled && flushed >= 64 {
+			cmd.Process.Signal(syscall.SIGTERM)
+			signalled = true
+		}
+	}
+	py.Wait()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve after SIGTERM: %v\n%s", err, stderr)
+	}
+	if !signalled || flushed < 64 {
+		t.Fatalf("burst flushed only %d blocks", flushed)
+	}
+	t.Logf("%d blocks acknowledged and flushed before shutdown", flushed)
+	requireClean(t, img, true)
+	d, err := blockif.Open(img, &blockif.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	buf := make([]byte, 65536)
+	for i := 0; i < flushed; i++ {
+		d.ReadAt(buf, int64(i)*65536)
+		if want := bytes.Repeat([]byte{byte(i%251 + 1)}, 65536); !bytes.Equal(buf, want) {
+			t.Fatalf("block %d lost after graceful shutdown", i)
+		}
+	}
+}
+
+// TestServeSocketActivation hands the server a listening socket as fd 3
+// with LISTEN_FDS, as systemd does.
+func TestServeSocketActivation(t *testing.T) {
+	ni := peerTool(t, "nbdinfo")
+	img := newTestImage(t, "act.img", 8<<20)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	defer f.Close()
+	cmd, uri, stderr := serveChild(t, []*os.File{f}, []string{"LISTEN_FDS=1", "SPARSEDISK_HELPER_SETPID=1"},
+		"serve", "--listen", "127.0.0.1:1", img+":act")
+	f.Close()
+	if uri != "nbd://"+addr+"/act" {
+		t.Fatalf("URI %q, want the activated socket %s", uri, addr)
+	}
+	out, err := exec.Command(ni, "--size", uri).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != strconv.Itoa(8<<20) {
+		t.Fatalf("nbdinfo: %v %q", err, out)
+	}
+	cmd.Process.Signal(syscall.SIGINT)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve after SIGINT: %v\n%s", err, stderr)
+	}
+	if !strings.Contains(stderr.String(), "socket activation") {
+		t.Errorf("activation not logged:\n%s", stderr)
+	}
+}
+
+var _ = io.EOF
