@@ -279,6 +279,14 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	if err != nil {
 		return err
 	}
+	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) && !d.readOnly {
+		// An interrupted offline tool (shrink, resize): finish or roll it
+		// back under our exclusive lock, before looking at the files.
+		if err := finishIntent(d.fs, d.path, desc); err != nil {
+			return err
+		}
+		desc.Intent = ""
+	}
 	d.desc = desc
 	p := desc.Params
 	nseg := p.Segments()
@@ -313,15 +321,6 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 			}
 			return err
 		}
-	}
-	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) && !d.readOnly {
-		// An interrupted offline tool (shrink, resize): finish or roll it
-		// back under our exclusive lock (intent.go).
-		if err := finishIntent(d.fs, d.path, desc); err != nil {
-			return err
-		}
-		desc.Intent = ""
-		d.desc = desc
 	}
 	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) {
 		return fmt.Errorf("%w: %s has an unfinished offline operation (%s); run `sparsedisk check -r all %s` or repeat the operation", ErrInvalid, d.path, desc.Intent, d.path)

@@ -342,7 +342,11 @@ func trimToGeometry(fsys vfs.FS, path string, p Params) error {
 				if _, err := f.ReadAt(buf, want); err != nil {
 					return fmt.Errorf("read LUT tail: %w", err)
 				}
-				if err := punchSlots(fsys, lastName, ss, buf); err != nil {
+				live, err := readEntries(f, p, last)
+				if err != nil {
+					return err
+				}
+				if err := punchSlots(fsys, lastName, ss, buf, live); err != nil {
 					return err
 				}
 			}
@@ -380,8 +384,14 @@ func trimToGeometry(fsys vfs.FS, path string, p Params) error {
 }
 
 // punchSlots punches the slots named by the encoded LUT entries raw in the
-// segment file name.
-func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte) error {
+// segment file name, except slots that a live entry references: the tail
+// of a LUT left by a crashed grow can hold garbage (zeros), and punching
+// a slot nothing live references is always safe.
+func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte, live []uint32) error {
+	keep := make(map[uint32]bool, len(live))
+	for _, v := range live {
+		keep[v] = true
+	}
 	f, err := fsys.OpenFile(name, os.O_RDWR, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
@@ -396,7 +406,8 @@ func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte) error {
 	}
 	punched := false
 	for _, v := range decodeEntries(raw) {
-		if v != lut.Unallocated && int64(v) < size/ss {
+		if v != lut.Unallocated && !keep[v] && int64(v) < size/ss {
+			keep[v] = true
 			if err := f.PunchHole(int64(v)*ss, ss); err != nil {
 				return fmt.Errorf("punch slot %d of %s: %w", v, name, err)
 			}

@@ -1,0 +1,208 @@
+package blockif
+
+import (
+	"bytes"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+)
+
+// sectorsOf reads every sector of an image one by one; a sector that
+// cannot be read is nil. It returns nil if the image does not open.
+func sectorsOf(t testing.TB, path string) [][]byte {
+	t.Helper()
+	d, err := Open(path, &Options{ReadOnly: true, NoDirtyCheck: true})
+	if err != nil {
+		return nil
+	}
+	defer d.Close()
+	ss := d.SectorSize()
+	out := make([][]byte, d.Size()/ss)
+	for s := range out {
+		b := make([]byte, ss)
+		if _, err := d.ReadAt(b, int64(s)*ss); err == nil {
+			out[s] = b
+		}
+	}
+	return out
+}
+
+func splitSectors(b []byte, ss int64) [][]byte {
+	var out [][]byte
+	for o := int64(0); o < int64(len(b)); o += ss {
+		out = append(out, b[o:o+ss])
+	}
+	return out
+}
+
+// TestCheckRepairFaults injects each kind of fault, checks that Check
+// classifies it (leak or corruption), repairs, and checks that the image
+// is clean afterwards and every sector not named as lost reads as before.
+func TestCheckRepairFaults(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 3*(16<<10) + 2*4096, Split: 16 << 10, SectorSize: 4096}
+	perSeg := p.Split / p.SectorSize
+	type fault struct {
+		name    string
+		kind    FindingKind // worst finding expected
+		mode    RepairMode
+		inject  func(t *testing.T, path string)
+		wantMsg string // in some action
+	}
+	faults := []fault{
+		{"leak", Leak, RepairLeaks, func(t *testing.T, path string) { addLeak(t, nil, path, 1, p.SectorSize) }, "leaked"},
+		{"partial-slot", Leak, RepairLeaks, func(t *testing.T, path string) {
+			f, _ := os.OpenFile(segment.Name(path, 0), os.O_RDWR, 0)
+			fi, _ := f.Stat()
+			f.WriteAt([]byte("torn"), fi.Size())
+			f.Close()
+		}, "partial slot"},
+		{"entry-past-end", Corruption, RepairAll, func(t *testing.T, path string) { setEntry(t, nil, path, 2, 1000) }, "past the end"},
+		{"shared-slot", Corruption, RepairAll, func(t *testing.T, path string) {
+			e := lutEntries(t, path)
+			setEntry(t, nil, path, 3, e[1]) // sector 3 now shares sector 1's slot
+		}, "own copy"},
+		{"lut-truncated", Corruption, RepairAll, func(t *testing.T, path string) {
+			os.Truncate(path+lut.Suffix, (p.Sectors()-3)*lut.EntrySize)
+		}, "short of"},
+		{"lut-too-long", Corruption, RepairAll, func(t *testing.T, path string) {
+			f, _ := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+			f.WriteAt(bytes.Repeat([]byte{0xFF}, 64), p.Sectors()*lut.EntrySize)
+			f.Close()
+		}, "longer than"},
+		{"segment-missing", Corruption, RepairAll, func(t *testing.T, path string) { os.Remove(segment.Name(path, 1)) }, "missing"},
+		{"segment-extra", Corruption, RepairAll, func(t *testing.T, path string) {
+			os.WriteFile(segment.Name(path, p.Segments()), []byte("stray data"), 0o644)
+		}, "moved aside"},
+		{"intent-pending", Corruption, RepairAll, func(t *testing.T, path string) {
+			desc, _ := ReadDescriptor(nil, path)
+			desc.Intent = IntentShrink
+			WriteDescriptor(nil, path, desc)
+			os.WriteFile(segment.Name(path, 0)+shrinkTmpSuffix, []byte("half a copy"), 0o644)
+		}, "finished"},
+	}
+	for _, f := range faults {
+		t.Run(f.name, func(t *testing.T) {
+			path := testImage(t, p, nil, false)
+			d := mustOpen(t, path, nil)
+			rng := rand.New(rand.NewPCG(7, uint64(len(f.name))))
+			for s := int64(0); s < p.Sectors(); s++ {
+				if s%3 != 2 || s < 4 { // every segment holds data; sectors 0-3 allocated
+					d.WriteAt(randBytes(rng, int(p.SectorSize)), s*p.SectorSize)
+				}
+			}
+			pristine := make([]byte, p.Size)
+			d.ReadAt(pristine, 0)
+			d.Close()
+			f.inject(t, path)
+			baseline := sectorsOf(t, path)
+			if baseline == nil {
+				baseline = splitSectors(pristine, p.SectorSize)
+			}
+			before := fileDigest(t, filepath.Dir(path))
+			r, err := CheckImage(path, nil)
+			if err != nil {
+				t.Fatalf("check: %v", err)
+			}
+			sameDigest(t, "check", before, fileDigest(t, filepath.Dir(path)))
+			switch f.kind {
+			case Leak:
+				if r.Leaks == 0 || r.Corruptions != 0 {
+					t.Fatalf("want leaks only, got %d leaks %d corruptions: %v", r.Leaks, r.Corruptions, r.Findings)
+				}
+			case Corruption:
+				if r.Corruptions == 0 {
+					t.Fatalf("want corruption, got %v", r.Findings)
+				}
+			}
+			rep, err := Repair(path, f.mode, nil)
+			if err != nil {
+				t.Fatalf("repair: %v", err)
+			}
+			var msgs []string
+			lost := map[int64]bool{}
+			for _, a := range rep.Actions {
+				msgs = append(msgs, a.String())
+				if a.Lost {
+					for s := a.Sector; s < a.Sector+max(a.Count, 1); s++ {
+						lost[s] = true
+					}
+				}
+			}
+			t.Logf("repair: %s", strings.Join(msgs, "; "))
+			if !strings.Contains(strings.Join(msgs, "\n"), f.wantMsg) {
+				t.Errorf("no action mentions %q", f.wantMsg)
+			}
+			r2, err := CheckImage(path, nil)
+			if err != nil || !r2.Clean() {
+				t.Fatalf("after repair: %v %v", err, r2.Findings)
+			}
+			after := sectorsOf(t, path)
+			for s := range after {
+				switch {
+				case lost[int64(s)]:
+					if !isZero(after[s]) {
+						t.Errorf("sector %d named lost but does not read zeros", s)
+					}
+				case baseline[s] == nil:
+					// Unreadable before (the engine refuses a whole
+					// segment with a bad entry): must hold what was
+					// written before the fault.
+					if !bytes.Equal(after[s], pristine[int64(s)*p.SectorSize:int64(s+1)*p.SectorSize]) {
+						t.Errorf("sector %d was unreadable before repair, is not named lost, and does not read what was written", s)
+					}
+				case !bytes.Equal(after[s], baseline[s]):
+					t.Errorf("sector %d (segment %d) not named lost but reads differently after repair", s, int64(s)/perSeg)
+				}
+			}
+		})
+	}
+}
+
+// lutEntries reads the whole LUT.
+func lutEntries(t testing.TB, path string) []uint32 {
+	b, err := os.ReadFile(path + lut.Suffix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return decodeEntries(b)
+}
+
+func TestRepairSplitAndRaw(t *testing.T) {
+	p := Params{Layout: LayoutSplit, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
+	path := testImage(t, p, nil, false)
+	d := mustOpen(t, path, nil)
+	d.WriteAt(bytes.Repeat([]byte{9}, int(p.Size)), 0)
+	d.Close()
+	f, _ := os.OpenFile(segment.Name(path, 2), os.O_RDWR, 0)
+	f.WriteAt([]byte("past the end"), 4096) // segment longer than its share
+	f.Close()
+	r, err := CheckImage(path, nil)
+	if err != nil || r.Corruptions == 0 {
+		t.Fatalf("check of over-long split segment: %v %+v", err, r)
+	}
+	if _, err := Repair(path, RepairAll, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := content(t, path, nil); !bytes.Equal(got, bytes.Repeat([]byte{9}, int(p.Size))) {
+		t.Fatal("split content changed by repair")
+	}
+	raw := filepath.Join(t.TempDir(), "raw.img")
+	os.WriteFile(raw, make([]byte, 8192), 0o644)
+	if r, err := CheckImage(raw, nil); err != nil || !r.Clean() {
+		t.Fatalf("check raw: %v %v", err, r)
+	}
+	if _, err := Repair(raw, RepairAll, nil); err != nil {
+		t.Fatal(err)
+	}
+	bad := filepath.Join(t.TempDir(), "bad.img")
+	os.WriteFile(bad, []byte("# sparsedisk image\nformat = sparsedisk/1\nlayout = sparse\nsize = 12\n"), 0o644)
+	if _, err := CheckImage(bad, nil); err == nil || !errors.Is(err, ErrInvalid) {
+		t.Fatalf("check of malformed descriptor: %v, want ErrInvalid", err)
+	}
+}

@@ -1,0 +1,198 @@
+package blockif
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sparsedisk/sparsedisk/lut"
+	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
+)
+
+func TestResolveSize(t *testing.T) {
+	for _, c := range []struct {
+		cur  int64
+		spec string
+		want int64
+		ok   bool
+	}{
+		{1 << 30, "2G", 2 << 30, true},
+		{1 << 30, "+1g", 2 << 30, true},
+		{1 << 30, "-512M", 512 << 20, true},
+		{1 << 30, "-1G", 0, false},
+		{1 << 30, "+1.5G", 0, false},
+		{1 << 30, "lots", 0, false},
+	} {
+		got, err := ResolveSize(c.cur, c.spec)
+		if (err == nil) != c.ok || got != c.want {
+			t.Errorf("ResolveSize(%d, %q) = %d, %v", c.cur, c.spec, got, err)
+		}
+	}
+}
+
+// TestResizeGrowShrink grows and shrinks sparse and split images with data
+// in the first and last sectors and right around the new ends.
+func TestResizeGrowShrink(t *testing.T) {
+	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
+		t.Run(string(layout), func(t *testing.T) {
+			ss := int64(4096)
+			p := Params{Layout: layout, Size: 2*(32<<10) + 3*ss, Split: 32 << 10, SectorSize: ss}
+			path := testImage(t, p, nil, false)
+			rng := rand.New(rand.NewPCG(5, 5))
+			d := mustOpen(t, path, nil)
+			model := make([]byte, p.Size)
+			for _, off := range []int64{0, p.Size - ss, p.Size - 3*ss} {
+				b := randBytes(rng, int(ss))
+				d.WriteAt(b, off)
+				copy(model[off:], b)
+			}
+			d.Close()
+			// Grow by a bit more than two segments.
+			newSize := p.Size + 2*p.Split + 5*ss
+			if _, err := Resize(path, newSize, nil); err != nil {
+				t.Fatalf("grow: %v", err)
+			}
+			model = append(model, make([]byte, newSize-p.Size)...)
+			if got := content(t, path, nil); !bytes.Equal(got, model) {
+				t.Fatalf("after grow: differs at %d", firstDiff(got, model))
+			}
+			d = mustOpen(t, path, nil)
+			b := randBytes(rng, int(ss))
+			d.WriteAt(b, newSize-ss)
+			copy(model[newSize-ss:], b)
+			d.Close()
+			// Shrinking needs AllowShrink, refuses data past the end.
+			small := p.Size - ss
+			if _, err := Resize(path, small, nil); !errors.Is(err, ErrInvalid) {
+				t.Errorf("shrink without AllowShrink: %v", err)
+			}
+			_, err := Resize(path, small, &ResizeOptions{AllowShrink: true})
+			if !errors.Is(err, ErrDataPastEnd) || !strings.Contains(err.Error(), fmt.Sprintf("sector %d ", small/ss)) {
+				t.Fatalf("shrink over data: %v; want ErrDataPastEnd naming sector %d", err, small/ss)
+			}
+			if got := content(t, path, nil); !bytes.Equal(got, model) {
+				t.Fatal("refused shrink changed content")
+			}
+			rep, err := Resize(path, small, &ResizeOptions{AllowShrink: true, Force: true})
+			if err != nil {
+				t.Fatalf("forced shrink: %v", err)
+			}
+			if rep.FirstDropped != small/ss || rep.DroppedSectors != 2 {
+				t.Errorf("forced shrink report %+v; want first %d, 2 dropped", *rep, small/ss)
+			}
+			model = model[:small]
+			if got := content(t, path, nil); !bytes.Equal(got, model) {
+				t.Fatalf("after shrink: differs at %d", firstDiff(got, model))
+			}
+			np := p
+			np.Size = small
+			if _, err := os.Stat(segment.Name(path, np.Segments())); err == nil {
+				t.Errorf("segment %d still exists after shrink", np.Segments())
+			}
+			if layout == LayoutSparse {
+				if fi, _ := os.Stat(path + lut.Suffix); fi.Size() != np.Sectors()*lut.EntrySize {
+					t.Errorf("LUT is %d bytes after shrink, want %d", fi.Size(), np.Sectors()*lut.EntrySize)
+				}
+			}
+			// Shrink to exactly the data's end: no force needed.
+			if _, err := Resize(path, small-ss, &ResizeOptions{AllowShrink: true}); err != nil {
+				t.Fatalf("shrink over zeros only: %v", err)
+			}
+			if got := content(t, path, nil); !bytes.Equal(got, model[:small-ss]) {
+				t.Fatal("content differs after second shrink")
+			}
+			if _, err := Resize(path, small-ss+1, nil); !errors.Is(err, ErrInvalid) {
+				t.Errorf("size not a multiple of the sector: %v", err)
+			}
+		})
+	}
+}
+
+func TestResizeRaw(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "raw.img")
+	data := bytes.Repeat([]byte{7}, 5000)
+	os.WriteFile(path, data, 0o644)
+	if _, err := Resize(path, 1<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Resize(path, 4096, &ResizeOptions{AllowShrink: true}); !errors.Is(err, ErrDataPastEnd) || !strings.Contains(err.Error(), "sector 8 ") {
+		t.Fatalf("raw shrink over data: %v", err)
+	}
+	if _, err := Resize(path, 5000, &ResizeOptions{AllowShrink: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(path); !bytes.Equal(got, data) {
+		t.Fatal("raw content changed")
+	}
+}
+
+// TestResizeGrowCrash cuts power at every I/O step of a grow: after the
+// crash the image opens with the old or the new size, the data reads as
+// before (and zeros past the old end), and Check is clean.
+func TestResizeGrowCrash(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	if s, err := strconv.ParseUint(os.Getenv("SPARSEDISK_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 6))
+	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
+		p := Params{Layout: layout, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
+		newSize := p.Size + 3*p.Split
+		base := vfs.NewMemFS()
+		path := "/img/disk.img"
+		if err := Create(path, p, &Options{FS: base}); err != nil {
+			t.Fatal(err)
+		}
+		d := mustOpen(t, path, &Options{FS: base})
+		want := make([]byte, newSize)
+		for _, off := range []int64{0, p.Size - 4096} {
+			b := randBytes(rng, 4096)
+			d.WriteAt(b, off)
+			copy(want[off:], b)
+		}
+		d.Close()
+		probe := base.Crash(rng)
+		ops0 := probe.Ops()
+		if _, err := Resize(path, newSize, &ResizeOptions{FS: probe}); err != nil {
+			t.Fatal(err)
+		}
+		n := probe.Ops() - ops0
+		sizes := map[int64]int{}
+		for k := int64(0); k <= n; k++ {
+			m := base.Crash(rng)
+			m.SetCrashAfter(k)
+			if _, err := Resize(path, newSize, &ResizeOptions{FS: m}); err != nil && !errors.Is(err, vfs.ErrCrashed) {
+				t.Fatalf("k=%d: %v", k, err)
+			}
+			after := m.Crash(rng)
+			d, err := Open(path, &Options{FS: after})
+			if err != nil {
+				t.Fatalf("seed %d k=%d: open after crash: %v", seed, k, err)
+			}
+			got := make([]byte, d.Size())
+			_, err = d.ReadAt(got, 0)
+			d.Close()
+			if err != nil {
+				t.Fatalf("k=%d: read: %v", k, err)
+			}
+			if (d.Size() != p.Size && d.Size() != newSize) || !bytes.Equal(got, want[:d.Size()]) {
+				t.Fatalf("seed %d k=%d: size %d, content differs at %d", seed, k, d.Size(), firstDiff(got, want[:d.Size()]))
+			}
+			sizes[d.Size()]++
+			mustCheck(t, path, after, false)
+			if t.Failed() {
+				t.Fatalf("seed %d k=%d", seed, k)
+			}
+		}
+		t.Logf("%s: crashed at each of %d I/O steps of grow; sizes after recovery %v", layout, n+1, sizes)
+	}
+}
