@@ -119,7 +119,13 @@ func (t *transmission) run() {
 	var reason error
 	for {
 		if cfg.IdleTimeout > 0 {
-			_ = t.nc.SetReadDeadline(time.Now().Add(cfg.IdleTimeout))
+			// Under c.mu so that a concurrent stop's deadline is not
+			// overwritten.
+			t.c.mu.Lock()
+			if !t.c.stopping {
+				_ = t.nc.SetReadDeadline(time.Now().Add(cfg.IdleTimeout))
+			}
+			t.c.mu.Unlock()
 		}
 		if n, err := io.ReadFull(br, hdr[:]); err != nil {
 			if n == 0 && t.idleRetry(err) {

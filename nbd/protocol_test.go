@@ -463,8 +463,8 @@ func TestStructuredReadsAndBlockStatus(t *testing.T) {
 }
 
 // TestParallelRequests proves that requests of one connection run in
-// parallel: a read blocks in the backend until a later write on the same
-// connection has been executed, and the replies come back out of order.
+// parallel: a read blocks in the backend while a later write on the same
+// connection is executed and answered; the replies come back out of order.
 func TestParallelRequests(t *testing.T) {
 	m := newMem(1<<20, 4096)
 	release := make(chan struct{})
@@ -478,11 +478,6 @@ func TestParallelRequests(t *testing.T) {
 		}
 		return nil
 	}
-	var once sync.Once
-	m.writeHook = func(off int64) error {
-		once.Do(func() { close(release) })
-		return nil
-	}
 	_, addr := startServer(t, Config{}, Export{Name: "d", Backend: m})
 	c := dial(t, addr)
 	c.connect("d", connectOpts{})
@@ -491,6 +486,7 @@ func TestParallelRequests(t *testing.T) {
 	if errno, cookie, _ := c.simpleReply(0); cookie != 2 || errno != 0 {
 		t.Fatalf("first reply cookie %d errno %d, want the write", cookie, errno)
 	}
+	close(release)
 	if errno, cookie, _ := c.simpleReply(4096); cookie != 1 || errno != 0 {
 		t.Fatalf("second reply cookie %d errno %d", cookie, errno)
 	}
@@ -690,5 +686,21 @@ func TestNewServerRejects(t *testing.T) {
 	}
 	if _, err := ParseTLSMode("maybe"); !errors.Is(err, ErrConfig) {
 		t.Errorf("ParseTLSMode(maybe): %v", err)
+	}
+}
+
+func TestIdleTimeout(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	_, addr := startServer(t, Config{IdleTimeout: 200 * time.Millisecond}, Export{Name: "d", Backend: m})
+	c := dial(t, addr)
+	c.connect("d", connectOpts{})
+	c.request(cmdFlush, 0, 1, 0, 0, nil)
+	if errno, _, _ := c.simpleReply(0); errno != 0 {
+		t.Fatalf("flush errno %d", errno)
+	}
+	start := time.Now()
+	c.expectClosed()
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Fatalf("closed after %v, before the idle timeout", d)
 	}
 }
