@@ -1,0 +1,251 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+)
+
+// Exit codes of check, as qemu-img check's.
+const (
+	exitClean      = 0
+	exitCannot     = 1
+	exitCorruption = 2
+	exitLeaks      = 3
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "check",
+		Usage:     "check an image for corruption and leaks, optionally repair it",
+		ArgsUsage: "IMAGE [-r leaks|all] [--output=human|json]",
+		Description: "Walks the descriptor, the LUT and every segment file. Findings are leaks (slots\n" +
+			"no LUT entry references: wasted space only) and corruption (entries past a segment's\n" +
+			"end, two entries sharing a slot, a LUT of the wrong length, missing or extra segment\n" +
+			"files, an unfinished offline operation). Without -r nothing is written.\n\n" +
+			"-r leaks punches leaked slots. -r all also repairs corruption with the least data\n" +
+			"loss possible and lists every change, naming the sectors whose content changed.\n\n" +
+			"Exit status (as qemu-img check): 0 clean, 1 could not check, 2 corruption, 3 leaks\n" +
+			"only; after -r, the status describes the repaired image.",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "repair", Aliases: []string{"r"}, Usage: "repair: leaks or all"},
+			outputFlag(),
+			quietFlag(),
+		},
+		Action: checkAction,
+	})
+}
+
+func quietFlag() cli.Flag {
+	return &cli.BoolFlag{Name: "quiet", Aliases: []string{"q"}, Usage: "print nothing but errors; no progress bar"}
+}
+
+// checkJSON is check's --output=json document.
+type checkJSON struct {
+	Image    string                `json:"image"`
+	Check    *blockif.Report       `json:"check"`
+	Repair   *blockif.RepairReport `json:"repair,omitempty"`
+	After    *blockif.Report       `json:"after_repair,omitempty"`
+	ExitCode int                   `json:"exit_code"`
+}
+
+func checkAction(c *cli.Context) error {
+	pos, fl, err := splitArgs(c, []string{"repair", "output"}, []string{"quiet"})
+	if err != nil {
+		return cli.Exit(err.Error(), exitCannot)
+	}
+	if len(pos) != 1 {
+		return cli.Exit("check takes one image path", exitCannot)
+	}
+	path := pos[0]
+	output := fl.str("output", "human")
+	if output != "human" && output != "json" {
+		return cli.Exit(fmt.Sprintf("--output=%s: want human or json", output), exitCannot)
+	}
+	mode := blockif.RepairMode(fl.str("repair", ""))
+	if mode != "" && mode != blockif.RepairLeaks && mode != blockif.RepairAll {
+		return cli.Exit(fmt.Sprintf("-r %s: want leaks or all", mode), exitCannot)
+	}
+	quiet := fl.on("quiet")
+	w := c.App.Writer
+	r, err := blockif.CheckImage(path, nil)
+	if err != nil {
+		return cli.Exit(fmt.Sprintf("could not check %s: %v", path, err), exitCannot)
+	}
+	doc := checkJSON{Image: path, Check: r}
+	final := r
+	if mode != "" && !r.Clean() {
+		rep, err := blockif.Repair(path, mode, nil)
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("repair %s: %v", path, err), exitCannot)
+		}
+		doc.Repair = rep
+		if doc.After, err = blockif.CheckImage(path, nil); err != nil {
+			return cli.Exit(fmt.Sprintf("could not check %s after repair: %v", path, err), exitCannot)
+		}
+		final = doc.After
+	}
+	doc.ExitCode = exitClean
+	switch {
+	case final.Corruptions > 0:
+		doc.ExitCode = exitCorruption
+	case final.Leaks > 0:
+		doc.ExitCode = exitLeaks
+	}
+	if output == "json" {
+		e := json.NewEncoder(w)
+		e.SetIndent("", "  ")
+		if err := e.Encode(doc); err != nil {
+			return err
+		}
+	} else if !quiet {
+		printCheck(w, r)
+		if doc.Repair != nil {
+			fmt.Fprintf(w, "repair (%s): %d change(s), %d sector(s) lost\n", mode, len(doc.Repair.Actions), doc.Repair.LostSectors)
+			for _, a := range doc.Repair.Actions {
+				fmt.Fprintf(w, "  %s\n", a)
+			}
+			fmt.Fprintln(w, "after repair:")
+			printCheck(w, doc.After)
+		}
+	}
+	switch doc.ExitCode {
+	case exitCorruption:
+		return cli.Exit(fmt.Sprintf("%s: %d corruption(s) found; `sparsedisk check -r all %s` repairs them", path, final.Corruptions, path), exitCorruption)
+	case exitLeaks:
+		return cli.Exit(fmt.Sprintf("%s: %d leaked slot(s); `sparsedisk check -r leaks` or `shrink` reclaims them", path, final.LeakedSlots), exitLeaks)
+	}
+	return nil
+}
+
+func printCheck(w io.Writer, r *blockif.Report) {
+	for _, f := range r.Findings {
+		fmt.Fprintf(w, "  %s\n", f)
+	}
+	if r.Clean() {
+		fmt.Fprintf(w, "%s: no errors found (%s layout", r.Image, r.Layout)
+	} else {
+		fmt.Fprintf(w, "%s: %d corruption(s), %d leak(s) (%d slot(s)) (%s layout", r.Image, r.Corruptions, r.Leaks, r.LeakedSlots, r.Layout)
+	}
+	if r.Layout == blockif.LayoutSparse {
+		fmt.Fprintf(w, ", %d allocated sectors, %d slots, %d fragment breaks", r.AllocatedSectors, r.Slots, r.Fragments)
+	}
+	fmt.Fprintln(w, ")")
+}
+
+// flagVals are a command's flags, from before or after its positional
+// arguments.
+type flagVals struct {
+	c    *cli.Context
+	vals map[string]string
+}
+
+// str is the flag's value: given after the positional arguments, else
+// given before them, else def.
+func (f flagVals) str(name, def string) string {
+	if v, ok := f.vals[name]; ok {
+		return v
+	}
+	if f.c.IsSet(name) {
+		return f.c.String(name)
+	}
+	return def
+}
+
+// on tells whether a boolean flag is set.
+func (f flagVals) on(name string) bool {
+	if v, ok := f.vals[name]; ok {
+		return v == "true" || v == "1"
+	}
+	return f.c.Bool(name)
+}
+
+// splitArgs separates the positional arguments from flags that follow
+// them (urfave/cli stops parsing flags at the first positional argument).
+// valued flags take a value (--name=v, --name v), boolean ones may be
+// given as --name or --name=false. A one-letter alias (-r, -q, -f, -j)
+// works for the flag whose name starts with it. "-1G" and other negative
+// numbers are positional.
+func splitArgs(c *cli.Context, valued, boolean []string) ([]string, flagVals, error) {
+	fv := flagVals{c: c, vals: map[string]string{}}
+	var pos []string
+	args := c.Args().Slice()
+	lookup := func(name string) (string, bool, bool) {
+		for _, n := range valued {
+			if n == name || (len(name) == 1 && n[0] == name[0]) {
+				return n, true, true
+			}
+		}
+		for _, n := range boolean {
+			if n == name || (len(name) == 1 && n[0] == name[0]) {
+				return n, false, true
+			}
+		}
+		return "", false, false
+	}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			pos = append(pos, args[i+1:]...)
+			break
+		}
+		if len(a) < 2 || a[0] != '-' || (a[1] >= '0' && a[1] <= '9') {
+			pos = append(pos, a)
+			continue
+		}
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		full, takesValue, ok := lookup(name)
+		if !ok {
+			return nil, fv, fmt.Errorf("unknown flag %s", a)
+		}
+		switch {
+		case takesValue && !hasVal:
+			if i+1 >= len(args) {
+				return nil, fv, fmt.Errorf("flag %s needs a value", a)
+			}
+			i++
+			val = args[i]
+		case !takesValue && !hasVal:
+			val = "true"
+		}
+		fv.vals[full] = val
+	}
+	return pos, fv, nil
+}
+
+// progressFor returns a callback that draws a progress bar on stderr when
+// it is a terminal (nil otherwise, or when disabled), and a function that
+// finishes the bar.
+func progressFor(c *cli.Context, enabled bool, what string) (func(done, total int64), func()) {
+	f, ok := c.App.ErrWriter.(*os.File)
+	if !enabled || !ok || !term.IsTerminal(int(f.Fd())) {
+		return nil, func() {}
+	}
+	var bar *progressbar.ProgressBar
+	update := func(done, total int64) {
+		if bar == nil {
+			bar = progressbar.NewOptions64(total,
+				progressbar.OptionSetWriter(f),
+				progressbar.OptionSetDescription(what),
+				progressbar.OptionShowBytes(true),
+				progressbar.OptionSetWidth(30),
+				progressbar.OptionThrottle(100*time.Millisecond),
+				progressbar.OptionClearOnFinish(),
+			)
+		}
+		bar.Set64(done)
+	}
+	return update, func() {
+		if bar != nil {
+			bar.Finish()
+		}
+	}
+}

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/urfave/cli/v2"
+)
+
+func init() {
+	register(&cli.Command{
+		Name:      "resize",
+		Usage:     "change an image's virtual size",
+		ArgsUsage: "IMAGE SIZE|+N|-N [--shrink] [--force]",
+		Description: "SIZE is absolute (20G), +N grows by N, -N shrinks by N (k/m/g/t/p suffixes).\n" +
+			"Growing adds segment files and LUT entries; the descriptor's new size is written last,\n" +
+			"so an interrupted grow leaves the old size. Shrinking needs --shrink and refuses while\n" +
+			"allocated data lies past the new end, naming the first such sector, unless --force.\n\n" +
+			"Examples:\n   sparsedisk resize disk.img +10G\n   sparsedisk resize disk.img -2G --shrink",
+		Flags: []cli.Flag{
+			&cli.BoolFlag{Name: "shrink", Aliases: []string{"s"}, Usage: "allow making the disk smaller"},
+			&cli.BoolFlag{Name: "force", Aliases: []string{"f"}, Usage: "with --shrink: drop data past the new end"},
+			quietFlag(),
+		},
+		Action: resizeAction,
+	})
+}
+
+func resizeAction(c *cli.Context) error {
+	pos, fl, err := splitArgs(c, nil, []string{"shrink", "force", "quiet"})
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 {
+		return fmt.Errorf("resize takes an image path and a size (SIZE, +N or -N)")
+	}
+	path := pos[0]
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true})
+	if err != nil {
+		return err
+	}
+	cur := d.Size()
+	d.Close()
+	size, err := blockif.ResolveSize(cur, pos[1])
+	if err != nil {
+		return fmt.Errorf("resize %s: %w", path, err)
+	}
+	rep, err := blockif.Resize(path, size, &blockif.ResizeOptions{AllowShrink: fl.on("shrink"), Force: fl.on("force")})
+	if err != nil {
+		return fmt.Errorf("resize %s: %w", path, err)
+	}
+	if !fl.on("quiet") {
+		fmt.Fprintf(c.App.Writer, "%s: size %s → %s\n", path, blockif.HumanSize(rep.OldSize), blockif.HumanSize(rep.NewSize))
+		if rep.DroppedSectors > 0 {
+			fmt.Fprintf(c.App.Writer, "  dropped %d sector(s) holding data, the first sector %d\n", rep.DroppedSectors, rep.FirstDropped)
+		}
+	}
+	return nil
+}
