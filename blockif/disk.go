@@ -282,7 +282,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) && !d.readOnly {
 		// An interrupted offline tool (shrink, resize): finish or roll it
 		// back under our exclusive lock, before looking at the files.
-		if err := finishIntent(d.fs, d.path, desc); err != nil {
+		if err := finishIntent(d.fs, d.path, desc, d.setDescriptor); err != nil {
 			return err
 		}
 		desc.Intent = ""

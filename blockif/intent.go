@@ -28,15 +28,21 @@ const (
 // one else uses the image).
 func FinishIntent(path string, o *Options) error {
 	fsys := o.fs()
+	il, err := lockOffline(fsys, path, true)
+	if err != nil {
+		return err
+	}
+	defer il.Close()
 	desc, err := ReadDescriptor(fsys, path)
 	if err != nil {
 		return err
 	}
-	return finishIntent(fsys, path, desc)
+	return finishIntent(fsys, path, desc, il.write)
 }
 
-// finishIntent is FinishIntent with the descriptor already read.
-func finishIntent(fsys vfs.FS, path string, desc Descriptor) error {
+// finishIntent is FinishIntent with the descriptor already read; write
+// rewrites the descriptor (moving the caller's lock along).
+func finishIntent(fsys vfs.FS, path string, desc Descriptor, write func(Descriptor) error) error {
 	if desc.Intent == "" {
 		return nil
 	}
@@ -54,13 +60,47 @@ func finishIntent(fsys vfs.FS, path string, desc Descriptor) error {
 		return fmt.Errorf("finish %s of %s: %w", kind, path, err)
 	}
 	desc.Intent = ""
-	return WriteDescriptor(fsys, path, desc)
+	return write(desc)
 }
 
+// offlineLock is an offline tool's lock on an image: on the descriptor
+// (or raw file), following the descriptor's rewrites like an open Disk's.
+type offlineLock struct {
+	fs        vfs.FS
+	path      string
+	exclusive bool
+	l         vfs.Lock
+}
+
+// lockOffline locks the image at path; ErrInUse if someone holds it in a
+// conflicting mode.
+func lockOffline(fsys vfs.FS, path string, exclusive bool) (*offlineLock, error) {
+	l, err := lockImage(fsys, path, exclusive)
+	if err != nil {
+		return nil, err
+	}
+	return &offlineLock{fs: fsys, path: path, exclusive: exclusive, l: l}, nil
+}
+
+// write durably replaces the descriptor, moving the lock to the new file
+// before it becomes visible.
+func (o *offlineLock) write(desc Descriptor) error {
+	l, err := replaceDescriptor(o.fs, o.path, desc, true, o.exclusive)
+	if err != nil {
+		return err
+	}
+	o.l.Close()
+	o.l = l
+	return nil
+}
+
+// Close releases the lock.
+func (o *offlineLock) Close() error { return o.l.Close() }
+
 // setIntent durably records intent in the descriptor.
-func setIntent(fsys vfs.FS, path string, desc *Descriptor, intent string) error {
+func (o *offlineLock) setIntent(desc *Descriptor, intent string) error {
 	desc.Intent = intent
-	return WriteDescriptor(fsys, path, *desc)
+	return o.write(*desc)
 }
 
 // removeIfExists removes name; a missing file is not an error. It reports

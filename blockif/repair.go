@@ -129,12 +129,9 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 	if !isDesc {
 		return rep, nil // a raw image has nothing to repair
 	}
-	lock, err := fsys.Lock(path, true)
+	lock, err := lockOffline(fsys, path, true)
 	if err != nil {
-		if errors.Is(err, vfs.ErrLocked) {
-			return nil, fmt.Errorf("%w: %s is open elsewhere", ErrInUse, path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, err
 	}
 	defer lock.Close()
 	desc, err := ReadDescriptor(fsys, path)
@@ -143,7 +140,7 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 	}
 	all := mode == RepairAll
 	if desc.Intent != "" && all {
-		if err := finishIntent(fsys, path, desc); err != nil {
+		if err := finishIntent(fsys, path, desc, lock.write); err != nil {
 			return nil, err
 		}
 		rep.add(RepairAction{File: path, Segment: -1, Sector: -1, Slot: -1, Message: fmt.Sprintf("finished interrupted %q (no sector changed)", desc.Intent)})
@@ -162,7 +159,7 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 	}
 	if all && desc.State == StateDirty {
 		desc.State = StateClean
-		if err := WriteDescriptor(fsys, path, desc); err != nil {
+		if err := lock.write(desc); err != nil {
 			return nil, err
 		}
 	}

@@ -93,12 +93,9 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	if err != nil {
 		return nil, err
 	}
-	lock, err := fsys.Lock(path, true)
+	lock, err := lockOffline(fsys, path, true)
 	if err != nil {
-		if errors.Is(err, vfs.ErrLocked) {
-			return nil, fmt.Errorf("%w: %s is open elsewhere", ErrInUse, path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, err
 	}
 	defer lock.Close()
 	if !isDesc {
@@ -108,7 +105,7 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	if err != nil {
 		return nil, err
 	}
-	if err := finishIntent(fsys, path, desc); err != nil {
+	if err := finishIntent(fsys, path, desc, lock.write); err != nil {
 		return nil, err
 	}
 	desc.Intent = ""
@@ -125,7 +122,7 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	case newSize == desc.Size:
 		return rep, nil
 	case newSize > desc.Size:
-		return rep, grow(fsys, path, desc, np)
+		return rep, grow(fsys, path, desc, np, lock)
 	}
 	if !o.AllowShrink {
 		return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, desc.Size)
@@ -138,20 +135,20 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 			ErrDataPastEnd, path, rep.FirstDropped, rep.FirstDropped*desc.SectorSize, rep.DroppedSectors-1, newSize)
 	}
 	desc.Params = np
-	if err := setIntent(fsys, path, &desc, IntentResize); err != nil { // commit
+	if err := lock.setIntent(&desc, IntentResize); err != nil { // commit
 		return nil, err
 	}
 	if err := trimToGeometry(fsys, path, np); err != nil {
 		return nil, err
 	}
 	desc.Intent = ""
-	return rep, WriteDescriptor(fsys, path, desc)
+	return rep, lock.write(desc)
 }
 
 // grow adds segment files and LUT entries for np, then commits np.
-func grow(fsys vfs.FS, path string, desc Descriptor, np Params) error {
+func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLock) error {
 	old := desc.Params
-	if err := setIntent(fsys, path, &desc, IntentResize); err != nil {
+	if err := lock.setIntent(&desc, IntentResize); err != nil {
 		return err
 	}
 	oldN, newN := old.Segments(), np.Segments()
@@ -203,7 +200,7 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params) error {
 		return err
 	}
 	desc.Params, desc.Intent = np, ""
-	return WriteDescriptor(fsys, path, desc) // commit
+	return lock.write(desc) // commit
 }
 
 // fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f.

@@ -90,12 +90,9 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 	if _, err := fsys.Stat(path); err != nil {
 		return nil, fmt.Errorf("shrink: %w", err)
 	}
-	lock, err := fsys.Lock(path, !o.DryRun)
+	lock, err := lockOffline(fsys, path, !o.DryRun)
 	if err != nil {
-		if errors.Is(err, vfs.ErrLocked) {
-			return nil, fmt.Errorf("%w: %s is open elsewhere", ErrInUse, path)
-		}
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, err
 	}
 	defer lock.Close()
 	desc, err := ReadDescriptor(fsys, path)
@@ -106,7 +103,7 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		if o.DryRun {
 			return nil, fmt.Errorf("%w: %s: intent %q pending; run shrink without --dry-run to finish it", ErrIntent, path, desc.Intent)
 		}
-		if err := finishIntent(fsys, path, desc); err != nil {
+		if err := finishIntent(fsys, path, desc, lock.write); err != nil {
 			return nil, err
 		}
 		desc.Intent = ""
@@ -151,7 +148,7 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		return nil, err
 	}
 	if !o.DryRun {
-		if err := setIntent(fsys, path, &desc, IntentShrink); err != nil {
+		if err := lock.setIntent(&desc, IntentShrink); err != nil {
 			return nil, err
 		}
 	}
@@ -165,7 +162,7 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		return sh.rep, nil
 	}
 	desc.Intent, desc.State = "", StateClean
-	if err := WriteDescriptor(fsys, path, desc); err != nil {
+	if err := lock.write(desc); err != nil {
 		return nil, err
 	}
 	if sh.rep.BytesAfter, err = sh.allocated(); err != nil {
