@@ -27,8 +27,7 @@ type conn struct {
 	transmitting bool
 	stopping     bool
 
-	// wmu serializes replies: every reply is written whole while holding it.
-	wmu sync.Mutex
+	out replyQueue // replies waiting to be written
 
 	inflight atomic.Int64 // requests admitted and not yet answered
 }
@@ -213,6 +212,20 @@ func (t *transmission) idleRetry(err error) bool {
 		return false
 	}
 	return t.c.inflight.Load() > 0
+}
+
+// replyQueue collects whole replies for the connection's current writer
+// (see transmission.send).
+type replyQueue struct {
+	// mu protects every field; failed is also read by the writer, which
+	// alone sets it.
+	mu       sync.Mutex
+	pending  net.Buffers // buffers of whole replies, in queue order
+	release  [][]byte    // pooled buffers to return once pending is written
+	spare    net.Buffers // recycled slices
+	spareRel [][]byte
+	writing  bool // a sender is writing; others only queue
+	failed   bool // a write failed; the connection is closed
 }
 
 // limiter bounds the requests (count and payload bytes) one connection has

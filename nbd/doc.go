@@ -27,8 +27,8 @@
 // only for clients that asked for block sizes with NBD_OPT_GO, as the
 // protocol requires; the engine handles any byte range for the others.
 //
-// With structured replies, a READ is answered from the engine's allocation
-// map: unallocated runs become NBD_REPLY_TYPE_OFFSET_HOLE chunks, allocated
+// With structured replies, a READ of 64 KiB or more is answered from the
+// engine's allocation map (shorter ones are one data chunk): unallocated runs become NBD_REPLY_TYPE_OFFSET_HOLE chunks, allocated
 // runs NBD_REPLY_TYPE_OFFSET_DATA (a single data chunk when the client sets
 // DF). All data is read before the first chunk is sent, so errors are
 // always reported as one error chunk and the last content chunk carries
@@ -67,9 +67,11 @@
 // in parallel; a limiter bounds them to Config.MaxInFlight requests and
 // Config.MaxInFlightBytes of payload per connection, and the reader stops
 // reading while the bound is reached (back-pressure through TCP). Replies
-// are written whole, one at a time, under a per-connection mutex, so chunks
-// of different replies never interleave on the wire; they may leave in any
-// order, which the protocol allows.
+// are queued whole on a per-connection queue; whichever request finds no
+// write in progress becomes the writer and sends everything queued with
+// writev, so chunks of different replies never interleave on the wire and
+// a deep queue of small replies costs few system calls. Replies may leave
+// in any order, which the protocol allows.
 //
 // Idle and dead clients cannot pin resources forever: the handshake has a
 // deadline (Config.HandshakeTimeout), every reply a write deadline

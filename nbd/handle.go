@@ -12,6 +12,11 @@ import (
 // protocol lets the server describe less than asked.
 const maxStatusQuery = 2 << 30
 
+// minHoleRead is the smallest structured read that consults the
+// allocation map to send holes; shorter reads are sent as one data chunk,
+// which saves a map lookup where holes would save little.
+const minHoleRead = 64 << 10
+
 // maxStatusExtents is the protocol's recommended limit of descriptors per
 // status chunk.
 const maxStatusExtents = 1 << 20
@@ -143,10 +148,10 @@ func (t *transmission) reply(req request, err error) {
 		t.c.log.Debug("nbd: request failed", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "errno", errno, "err", err)
 	}
 	if t.sess.structured && errno != 0 {
-		t.send(errorChunk(req.cookie, errno, err))
+		t.send(errorChunk(req.cookie, errno, err), nil)
 		return
 	}
-	t.send(net.Buffers{appendSimpleReply(make([]byte, 0, simpleReplyHeaderLen), errno, req.cookie)})
+	t.send(net.Buffers{appendSimpleReply(make([]byte, 0, simpleReplyHeaderLen), errno, req.cookie)}, nil)
 }
 
 // errorChunk is a final NBD_REPLY_TYPE_ERROR chunk carrying err's text.
@@ -161,16 +166,48 @@ func errorChunk(cookie uint64, errno uint32, err error) net.Buffers {
 	return net.Buffers{append(b, msg...)}
 }
 
-// send writes one whole reply. A failed write closes the connection, which
-// also ends the request reader.
-func (t *transmission) send(bufs net.Buffers) {
-	t.c.wmu.Lock()
-	defer t.c.wmu.Unlock()
-	_ = t.nc.SetWriteDeadline(time.Now().Add(t.c.s.cfg.WriteTimeout))
-	if _, err := bufs.WriteTo(t.nc); err != nil {
-		t.c.log.Debug("nbd: reply failed, closing", "err", err)
-		t.nc.Close()
+// send queues one whole reply for writing and returns without waiting
+// for the write. release, if not nil, is a pooled buffer the reply refers
+// to; it is returned to the pool once written. Replies are combined: the
+// first sender to find no write in progress becomes the writer and sends
+// everything queued, its own and what others queue meanwhile, in as few
+// writev calls as possible, so a deep queue of small replies costs few
+// system calls. Replies never interleave: each is queued whole.
+func (t *transmission) send(bufs net.Buffers, release []byte) {
+	q := &t.c.out
+	q.mu.Lock()
+	q.pending = append(q.pending, bufs...)
+	if release != nil {
+		q.release = append(q.release, release)
 	}
+	if q.writing {
+		q.mu.Unlock()
+		return
+	}
+	q.writing = true
+	for len(q.pending) > 0 {
+		batch, rel := q.pending, q.release
+		q.pending, q.release = q.spare, q.spareRel
+		q.mu.Unlock()
+		if !q.failed {
+			_ = t.nc.SetWriteDeadline(time.Now().Add(t.c.s.cfg.WriteTimeout))
+			if _, err := batch.WriteTo(t.nc); err != nil {
+				// The client is gone or stuck: close, which also ends the
+				// request reader; later replies are dropped.
+				t.c.log.Debug("nbd: reply failed, closing", "err", err)
+				q.failed = true
+				t.nc.Close()
+			}
+		}
+		for i, b := range rel {
+			putBuf(b)
+			rel[i] = nil
+		}
+		q.mu.Lock()
+		q.spare, q.spareRel = batch[:0], rel[:0]
+	}
+	q.writing = false
+	q.mu.Unlock()
 }
 
 // read answers NBD_CMD_READ: a simple reply with the data, or structured
@@ -185,34 +222,34 @@ func (t *transmission) read(req request) {
 		return
 	}
 	off, n := int64(req.offset), int64(req.length)
+	if t.sess.structured && n == 0 {
+		t.send(net.Buffers{appendChunkHeader(nil, replyFlagDone, chunkNone, req.cookie, 0)}, nil)
+		return
+	}
 	buf := getBuf(int(n))
-	defer putBuf(buf)
 	if !t.sess.structured {
 		if _, err := t.x.Backend.ReadAt(buf, off); err != nil {
+			putBuf(buf)
 			t.reply(req, err)
 			return
 		}
-		t.send(net.Buffers{appendSimpleReply(nil, 0, req.cookie), buf})
+		t.send(net.Buffers{appendSimpleReply(nil, 0, req.cookie), buf}, buf)
 		return
 	}
-	if n == 0 {
-		t.send(net.Buffers{appendChunkHeader(nil, replyFlagDone, chunkNone, req.cookie, 0)})
-		return
-	}
-	var runs []blockif.Extent
-	if req.flags&cflagDF == 0 {
+	runs := []blockif.Extent{{Offset: off, Length: n, Allocated: true}}
+	if req.flags&cflagDF == 0 && n >= minHoleRead {
 		exts, err := t.x.Backend.Extents(off, n)
 		if err != nil {
+			putBuf(buf)
 			t.reply(req, err)
 			return
 		}
 		runs = mergeRuns(exts, off, n)
-	} else {
-		runs = []blockif.Extent{{Offset: off, Length: n, Allocated: true}}
 	}
 	if len(runs) == 1 && runs[0].Allocated {
 		// One data run: a single read.
 		if _, err := t.x.Backend.ReadAt(buf, off); err != nil {
+			putBuf(buf)
 			t.reply(req, err)
 			return
 		}
@@ -222,6 +259,7 @@ func (t *transmission) read(req request) {
 				continue
 			}
 			if _, err := t.x.Backend.ReadAt(buf[r.Offset-off:r.Offset-off+r.Length], r.Offset); err != nil {
+				putBuf(buf)
 				t.reply(req, err)
 				return
 			}
@@ -246,7 +284,7 @@ func (t *transmission) read(req request) {
 			out = append(out, h)
 		}
 	}
-	t.send(out)
+	t.send(out, buf)
 }
 
 // mergeRuns turns the backend's extents into runs that cover exactly
@@ -317,5 +355,5 @@ func (t *transmission) blockStatus(req request) {
 		b = be.AppendUint32(b, uint32(r.Length))
 		b = be.AppendUint32(b, st)
 	}
-	t.send(net.Buffers{b})
+	t.send(net.Buffers{b}, nil)
 }
