@@ -71,6 +71,12 @@ func (c *conn) handshake() (*export, *session, error) {
 		if _, err := io.ReadFull(c.rw(), data); err != nil {
 			return nil, nil, err
 		}
+		if n == 0 && (opt == optGo || opt == optInfo) && c.s.cfg.AcceptUnframedGo {
+			var err error
+			if data, err = c.readUnframedInfo(); err != nil {
+				return nil, nil, err
+			}
+		}
 		e, done, err := c.option(sess, opt, data)
 		if err != nil || done {
 			return e, sess, err
@@ -284,4 +290,28 @@ func (c *conn) startTLS() error {
 	}
 	c.setRW(tc)
 	return nil
+}
+
+// readUnframedInfo reads the data of a GO or INFO option whose header said
+// length 0 (see Config.AcceptUnframedGo) and returns it as the option data.
+func (c *conn) readUnframedInfo() ([]byte, error) {
+	var b [4]byte
+	if _, err := io.ReadFull(c.rw(), b[:4]); err != nil {
+		return nil, err
+	}
+	n := be.Uint32(b[:4])
+	if n > maxStringLen {
+		return nil, fmt.Errorf("%w: unframed export name of %d bytes", ErrProtocol, n)
+	}
+	data := append(make([]byte, 0, 4+n+2), b[:4]...)
+	data = append(data, make([]byte, n+2)...)
+	if _, err := io.ReadFull(c.rw(), data[4:]); err != nil {
+		return nil, err
+	}
+	count := int(be.Uint16(data[4+n:]))
+	infos := make([]byte, 2*count)
+	if _, err := io.ReadFull(c.rw(), infos); err != nil {
+		return nil, err
+	}
+	return append(data, infos...), nil
 }

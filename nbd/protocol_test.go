@@ -704,3 +704,51 @@ func TestIdleTimeout(t *testing.T) {
 		t.Fatalf("closed after %v, before the idle timeout", d)
 	}
 }
+
+// TestUnframedGo speaks like github.com/pojntfx/go-nbd v0.3.2's client
+// (used by `sparsedisk attach`): client flags 0 and a GO whose header says
+// length 0, followed by its data.
+func TestUnframedGo(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	unframed := func(c *client, name string) {
+		b := be.AppendUint64(nil, magicOpt)
+		b = be.AppendUint32(b, optGo)
+		b = be.AppendUint32(b, 0)
+		b = be.AppendUint32(b, uint32(len(name)))
+		b = append(b, name...)
+		c.write(be.AppendUint16(b, 0))
+	}
+	_, addr := startServer(t, Config{AcceptUnframedGo: true}, Export{Name: "disk", Backend: m})
+	c := dial(t, addr)
+	c.hello(0)
+	unframed(c, "disk")
+	var infos []uint16
+	for {
+		r := c.optReply()
+		if r.typ == repAck {
+			break
+		}
+		if r.typ != repInfo {
+			t.Fatalf("reply %#x", r.typ)
+		}
+		infos = append(infos, be.Uint16(r.data))
+	}
+	// go-nbd's client rejects unknown info types: only EXPORT and BLOCK_SIZE.
+	if len(infos) != 2 || infos[0] != infoExport || infos[1] != infoBlockSize {
+		t.Fatalf("infos %v", infos)
+	}
+	c.request(cmdWrite, 0, 1, 4096, 4096, pattern(4096, 1))
+	if errno, _, _ := c.simpleReply(0); errno != 0 {
+		t.Fatalf("write errno %d", errno)
+	}
+
+	// Without the option, the same bytes are a malformed GO.
+	_, addr = startServer(t, Config{HandshakeTimeout: time.Second}, Export{Name: "disk", Backend: m})
+	c = dial(t, addr)
+	c.hello(0)
+	unframed(c, "disk")
+	if r := c.optReply(); r.typ != repErrInvalid {
+		t.Fatalf("reply %#x, want NBD_REP_ERR_INVALID", r.typ)
+	}
+	c.expectClosed() // the rest is read as an option header with a bad magic
+}

@@ -138,6 +138,16 @@ type Config struct {
 	WriteTimeout time.Duration
 	// Logger receives structured logs; nil discards them.
 	Logger *slog.Logger
+
+	// AcceptUnframedGo tolerates NBD_OPT_GO and NBD_OPT_INFO whose option
+	// header says length 0 but which are followed by their data anyway
+	// (name length, name, information count, requests), which is what
+	// the client package of github.com/pojntfx/go-nbd v0.3.2 sends. A
+	// conforming client never sends a zero-length GO, but one that did
+	// would stall until the handshake timeout instead of getting
+	// NBD_REP_ERR_INVALID, so enable this only for private connections
+	// to that client (sparsedisk attach).
+	AcceptUnframedGo bool
 }
 
 func (c *Config) withDefaults() Config {

@@ -114,7 +114,7 @@ func attachAction(c *cli.Context) error {
 		return fmt.Errorf("open %s: %w", image, err)
 	}
 	name := filepath.Base(image)
-	srv, err := nbd.NewServer(nbd.Config{Logger: log}, nbd.Export{Name: name, Backend: d})
+	srv, err := nbd.NewServer(nbd.Config{Logger: log, AcceptUnframedGo: true}, nbd.Export{Name: name, Backend: d})
 	if err != nil {
 		d.Close()
 		return err
