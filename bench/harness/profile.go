@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// The worst row (lowest ratio of sparsedisk to the peer its goal names,
+// relative to that goal) is run again for sparsedisk alone with `perf
+// record -g` attached to the serving process (`sparsedisk serve` or
+// `sparsedisk mount`). Go binaries keep frame pointers, so perf's call
+// graphs are complete; perf also sees the kernel side (syscalls, FUSE,
+// TCP), which a Go CPU profile would not.
+
+type symShare struct {
+	pct float64
+	sym string
+}
+
+type profileReport struct {
+	row      *rowDef
+	peer     string
+	ratio    float64
+	command  string
+	selfTop  []symShare // by self time
+	ours     []symShare // sparsedisk packages, cumulative (children)
+	category map[string]float64
+	samples  string
+	file     string // the full report next to RESULTS.md
+	err      string
+}
+
+func worstRow(res *results) (*rowDef, string, float64) {
+	var worst *rowDef
+	var peer string
+	best := math.Inf(1)
+	ratio := math.NaN()
+	for _, g := range res.goals() {
+		if g.row.job == nil || math.IsNaN(g.ratio) {
+			continue
+		}
+		if score := g.ratio / g.goal.min; score < best {
+			best, worst, peer, ratio = score, g.row, g.goal.peer, g.ratio
+		}
+	}
+	return worst, peer, ratio
+}
+
+func profileWorst(ctx context.Context, res *results, out string) (*profileReport, error) {
+	row, peer, ratio := worstRow(res)
+	if row == nil {
+		return nil, fmt.Errorf("no fio row has results to profile")
+	}
+	if _, err := exec.LookPath("perf"); err != nil {
+		return nil, fmt.Errorf("perf is not installed (Debian: linux-perf); no profile")
+	}
+	fmt.Fprintf(os.Stderr, "harness: == profile: %s (%.2f× %s)\n", row.title, ratio, peer)
+	rep := &profileReport{row: row, peer: peer, ratio: ratio}
+	dir := filepath.Join(workDir, "profile")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	defer teardown()
+
+	img, err := createImage(ctx, tSD, filepath.Join(dir, "img"), cfg.imageSize)
+	if err != nil {
+		return nil, err
+	}
+	job := *row.job
+	fuse := strings.HasPrefix(row.id, "fuse-")
+	var pid int
+	var target []string
+	if fuse {
+		ff, err := mountFUSE(tSD, img, dir)
+		if err != nil {
+			return nil, err
+		}
+		pid, target = ff.pid, []string{"--ioengine=" + job.engine, "--filename=" + ff.path}
+	} else {
+		srv, err := serveNBD(tSD, img)
+		if err != nil {
+			return nil, err
+		}
+		pid, target = srv.svc.cmd.Process.Pid, nbdTarget(job, srv, "")
+	}
+	// Reads and in-place writes need the region written first.
+	if job.rw != "write" {
+		fill := fioJob{name: "fill", rw: "write", bs: "1M", iodepth: 1, size: cfg.seqSize, direct: fuse, endFsync: true}
+		if _, err := runFio(ctx, fill, target...); err != nil {
+			return nil, err
+		}
+	}
+	if job.runtime > 0 {
+		job.runtime = cfg.profileSecs
+	}
+	data := filepath.Join(dir, "perf.data")
+	perf, err := start("perf", "perf", "record", "-F", "999", "-g", "-p", strconv.Itoa(pid), "-o", data)
+	if err != nil {
+		return nil, err
+	}
+	_, ferr := runFio(ctx, job, target...)
+	perf.stop()
+	if ferr != nil {
+		return nil, ferr
+	}
+	rep.command = shellJoin(append(append(job.args(), target...), "# perf record -F 999 -g -p PID"))
+	rep.command = strings.ReplaceAll(rep.command, workDir, "$WORK")
+	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, "profile.txt"))
+}
+
+// profileConvert runs sparsedisk convert once under perf record (the
+// convert row has no target in the issue, but is the slowest relative
+// to its peer in practice, so it gets its own profile).
+func profileConvert(ctx context.Context, res *results, out string) (*profileReport, error) {
+	row := rowByID("convert-time")
+	if res.count(row.id, tSDConv) == 0 {
+		return nil, fmt.Errorf("convert did not run")
+	}
+	if _, err := exec.LookPath("perf"); err != nil {
+		return nil, fmt.Errorf("perf is not installed (Debian: linux-perf); no profile")
+	}
+	dir := filepath.Join(workDir, "profile-convert")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	src := filepath.Join(dir, "src.raw")
+	if err := makeConvertSource(src); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(os.Stderr, "harness: == profile: %s\n", row.title)
+	data := filepath.Join(dir, "perf.data")
+	args := convertArgs(tSDConv, src, filepath.Join(dir, "dst.img"))
+	if _, err := run(ctx, append([]string{"perf", "record", "-F", "999", "-g", "-o", data, "--"}, args...)...); err != nil {
+		return nil, err
+	}
+	rep := &profileReport{row: row, peer: tQemuImg, ratio: res.ratio(row, tQemuImg)}
+	rep.command = strings.ReplaceAll(shellJoin(append([]string{"perf", "record", "-F", "999", "-g", "--"}, args...)), workDir, "$WORK")
+	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, "profile-convert.txt"))
+}
+
+// analyzePerf turns perf.data into the report's tables and a text file.
+func analyzePerf(ctx context.Context, rep *profileReport, data, txtPath string) error {
+	row, ratio, peer := rep.row, rep.ratio, rep.peer
+	self, err := run(ctx, "perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "none", "--percent-limit", "0.3")
+	if err != nil {
+		return err
+	}
+	children, err := run(ctx, "perf", "report", "-i", data, "--stdio", "--children", "--sort", "sym", "-g", "none", "--percent-limit", "0.5")
+	if err != nil {
+		return err
+	}
+	callers, _ := run(ctx, "perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "caller,0.5,callee,function,percent", "--percent-limit", "2")
+	txt := fmt.Sprintf("# perf profile of sparsedisk on %q (ratio %.2f× %s)\n# %s\n\n## self time\n%s\n## with children (cumulative)\n%s\n## call chains of the top symbols\n%s",
+		row.title, ratio, peer, rep.command, self, children, callers)
+	if err := os.WriteFile(txtPath, []byte(txt), 0o644); err != nil {
+		return err
+	}
+
+	rep.selfTop = parsePerf(string(self))
+	rep.category = map[string]float64{}
+	for _, s := range rep.selfTop {
+		rep.category[categorize(s.sym)] += s.pct
+	}
+	for _, s := range parsePerf(string(children)) {
+		if strings.Contains(s.sym, "sparsedisk/") && !strings.Contains(s.sym, "main.") {
+			rep.ours = append(rep.ours, s)
+		}
+	}
+	if m := regexp.MustCompile(`# Samples: (\S+)`).FindStringSubmatch(string(self)); m != nil {
+		rep.samples = m[1]
+	}
+	rep.file = filepath.Base(txtPath)
+	return nil
+}
+
+var perfLine = regexp.MustCompile(`^\s+(\d+\.\d+)%\s+(?:\d+\.\d+%\s+)?\[([.k])\]\s+(.+?)\s*$`)
+
+func parsePerf(s string) []symShare {
+	var out []symShare
+	for _, line := range strings.Split(s, "\n") {
+		m := perfLine.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		pct, _ := strconv.ParseFloat(m[1], 64)
+		sym := m[3]
+		if m[2] == "k" {
+			sym = "[kernel] " + sym
+		}
+		out = append(out, symShare{pct, sym})
+	}
+	sort.SliceStable(out, func(i, j int) bool { return out[i].pct > out[j].pct })
+	return out
+}
+
+// categorize puts a symbol in a coarse bucket for the summary.
+func categorize(sym string) string {
+	switch {
+	case strings.HasPrefix(sym, "[kernel]"):
+		k := strings.TrimPrefix(sym, "[kernel] ")
+		switch {
+		case strings.Contains(k, "copy_") || strings.Contains(k, "memcpy") || strings.Contains(k, "memset") || strings.Contains(k, "clear_page"):
+			return "kernel: copying and zeroing memory"
+		case strings.Contains(k, "tcp") || strings.Contains(k, "skb") || strings.Contains(k, "sock") || strings.Contains(k, "net_") || strings.Contains(k, "loopback"):
+			return "kernel: TCP/loopback"
+		case strings.Contains(k, "fuse"):
+			return "kernel: FUSE"
+		case strings.Contains(k, "ext4") || strings.Contains(k, "jbd2") || strings.Contains(k, "filemap") || strings.Contains(k, "folio") || strings.Contains(k, "page"):
+			return "kernel: file system and page cache"
+		case strings.Contains(k, "futex") || strings.Contains(k, "schedule") || strings.Contains(k, "switch") || strings.Contains(k, "wake") || strings.Contains(k, "epoll"):
+			return "kernel: scheduling, futex, epoll"
+		case strings.Contains(k, "syscall") || strings.Contains(k, "entry_") || strings.Contains(k, "sysret"):
+			return "kernel: syscall entry/exit"
+		}
+		return "kernel: other"
+	case strings.HasPrefix(sym, "runtime.mallocgc") || strings.HasPrefix(sym, "runtime.gc") || strings.HasPrefix(sym, "runtime.scan") ||
+		strings.HasPrefix(sym, "runtime.mark") || strings.HasPrefix(sym, "runtime.greyobject") || strings.HasPrefix(sym, "runtime.findObject") ||
+		strings.HasPrefix(sym, "runtime.memclr") || strings.HasPrefix(sym, "runtime.(*mspan)") || strings.HasPrefix(sym, "runtime.(*mheap)") ||
+		strings.HasPrefix(sym, "runtime.(*mcache)") || strings.HasPrefix(sym, "runtime.(*gcWork)") || strings.HasPrefix(sym, "runtime.heapBits") ||
+		strings.HasPrefix(sym, "runtime.wbBuf") || strings.HasPrefix(sym, "runtime.bgsweep") || strings.HasPrefix(sym, "runtime.sweep"):
+		return "Go: allocation and GC"
+	case strings.HasPrefix(sym, "runtime.memmove"):
+		return "Go: memmove (buffer copies)"
+	case strings.HasPrefix(sym, "runtime."), strings.HasPrefix(sym, "internal/runtime"):
+		return "Go: scheduler and other runtime"
+	case strings.HasPrefix(sym, "syscall.") || strings.HasPrefix(sym, "internal/poll") || strings.HasPrefix(sym, "golang.org/x/sys"):
+		return "Go: syscall wrappers"
+	case strings.Contains(sym, "sparsedisk/"):
+		return "sparsedisk code"
+	case strings.Contains(sym, "go-fuse"):
+		return "go-fuse library"
+	}
+	return "other"
+}

@@ -1,0 +1,345 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"runtime"
+	"sort"
+	"strings"
+	"time"
+)
+
+func fmtVal(v float64, unit string) string {
+	if math.IsNaN(v) {
+		return "—"
+	}
+	switch unit {
+	case unitIOPS:
+		return fmt.Sprintf("%.0f", v)
+	case unitSec:
+		if v < 10 {
+			return fmt.Sprintf("%.3f", v)
+		}
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.1f", v)
+}
+
+func fmtRatio(q float64) string {
+	if math.IsNaN(q) {
+		return "—"
+	}
+	return fmt.Sprintf("%.2f×", q)
+}
+
+// peersOf lists the columns for which a row has a ratio.
+func peersOf(row *rowDef) []string {
+	var ps []string
+	for _, t := range row.targets {
+		if t != row.self {
+			ps = append(ps, t)
+		}
+	}
+	return ps
+}
+
+// machine describes the host from /proc/cpuinfo, nproc, free and uname.
+func machine(ctx context.Context) string {
+	var b strings.Builder
+	model, cpus := "", 0
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(data), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if !ok {
+				continue
+			}
+			switch strings.TrimSpace(k) {
+			case "model name":
+				model = strings.TrimSpace(v)
+			case "processor":
+				cpus++
+			}
+		}
+	}
+	fmt.Fprintf(&b, "- CPU: %s, %d logical CPUs in /proc/cpuinfo\n", model, cpus)
+	if out, err := run(ctx, "nproc"); err == nil {
+		fmt.Fprintf(&b, "- nproc: %s\n", strings.TrimSpace(string(out)))
+	}
+	if out, err := run(ctx, "uname", "-srm"); err == nil {
+		fmt.Fprintf(&b, "- kernel: %s\n", strings.TrimSpace(string(out)))
+	}
+	if out, err := run(ctx, "df", "-hT", "--output=source,fstype,size", workDir); err == nil {
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		fmt.Fprintf(&b, "- work directory file system: `%s`\n", strings.Join(strings.Fields(lines[len(lines)-1]), " "))
+	}
+	fmt.Fprintf(&b, "- Go: %s\n", runtime.Version())
+	for _, v := range [][]string{{"fio", "--version"}, {"qemu-nbd", "--version"}, {"nbdkit", "--version"}, {"nbdcopy", "--version"}} {
+		if out, err := run(ctx, v...); err == nil {
+			fmt.Fprintf(&b, "- %s: %s\n", v[0], strings.SplitN(strings.TrimSpace(string(out)), "\n", 2)[0])
+		}
+	}
+	if out, err := run(ctx, "free", "-m"); err == nil {
+		fmt.Fprintf(&b, "\n`free -m` at the end of the run:\n\n```\n%s\n```\n", strings.TrimRight(string(out), "\n"))
+	}
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		fmt.Fprintf(&b, "\nLoad average at the end of the run (the machine is shared): `%s`\n", strings.TrimSpace(string(data)))
+	}
+	return b.String()
+}
+
+func renderMarkdown(ctx context.Context, res *results, prof, convProf *profileReport, failures []string, elapsed time.Duration) string {
+	var b strings.Builder
+	mode := "full run"
+	if cfg.quick {
+		mode = "quick smoke run (`-quick`: small sizes, one repetition — not for conclusions)"
+	}
+	fmt.Fprintf(&b, "# sparsedisk against its peers\n\n")
+	fmt.Fprintf(&b, "Written by `bench/harness` (never by hand) on %s, %s, %d repetition(s) per measurement, medians shown; the run took %s.\n",
+		time.Now().UTC().Format("2006-01-02 15:04 MST"), mode, cfg.reps, elapsed.Round(time.Second))
+	fmt.Fprintf(&b, "Reproduce with `make bench` (or `go run ./bench/harness`); the chart is `results.png`, the profiles `profile.txt` and `profile-convert.txt`.\n\n")
+	fmt.Fprintf(&b, "Ratios are oriented so that **above 1 means sparsedisk is better**: throughput and IOPS are sparsedisk ÷ peer, times and bytes on disk are peer ÷ sparsedisk. ")
+	fmt.Fprintf(&b, "Every target ran on the same machine in the same run, interleaved (the order of targets rotates each repetition), so compare ratios rather than absolute numbers.\n\n")
+
+	fmt.Fprintf(&b, "## Machine\n\n%s\n", machine(ctx))
+
+	fmt.Fprintf(&b, "## Results\n\n")
+	groups := []string{}
+	for _, r := range rowDefs {
+		if len(groups) == 0 || groups[len(groups)-1] != r.group {
+			groups = append(groups, r.group)
+		}
+	}
+	for _, g := range groups {
+		var rows []*rowDef
+		for _, r := range rowDefs {
+			if r.group == g {
+				rows = append(rows, r)
+			}
+		}
+		// The rows of a group share their targets.
+		ts := rows[0].targets
+		fmt.Fprintf(&b, "### %s\n\n| row | unit |", groupTitle(g))
+		for _, t := range ts {
+			fmt.Fprintf(&b, " %s |", t)
+		}
+		for _, p := range peersOf(rows[0]) {
+			fmt.Fprintf(&b, " vs %s |", p)
+		}
+		fmt.Fprintf(&b, "\n|---|---|%s%s\n", strings.Repeat("---:|", len(ts)), strings.Repeat("---:|", len(peersOf(rows[0]))))
+		for _, r := range rows {
+			fmt.Fprintf(&b, "| %s | %s |", r.title, r.unit)
+			for _, t := range ts {
+				fmt.Fprintf(&b, " %s |", fmtVal(res.median(r.id, t), r.unit))
+			}
+			for _, p := range peersOf(r) {
+				q := fmtRatio(res.ratio(r, p))
+				for _, gl := range r.goals {
+					if gl.peer == p {
+						q = "**" + q + "**"
+					}
+				}
+				fmt.Fprintf(&b, " %s |", q)
+			}
+			fmt.Fprintf(&b, "\n")
+		}
+		fmt.Fprintf(&b, "\n")
+	}
+	fmt.Fprintf(&b, "Bold ratios are the ones the issue sets a target for.\n\n")
+
+	fmt.Fprintf(&b, "## Targets\n\n| target | row | ratio | needed | |\n|---|---|---:|---:|---|\n")
+	met, total := 0, 0
+	var missed []goalStatus
+	for _, g := range res.goals() {
+		total++
+		status := "met"
+		switch {
+		case math.IsNaN(g.ratio):
+			status = "**no data**"
+			missed = append(missed, g)
+		case g.met:
+			met++
+		default:
+			status = fmt.Sprintf("**missed by %.0f%%**", (1-g.ratio/g.goal.min)*100)
+			missed = append(missed, g)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s |\n", g.goal.what, g.row.title, fmtRatio(g.ratio), g.goal.min, status)
+	}
+	fmt.Fprintf(&b, "\n%d of %d targets met.", met, total)
+	if len(missed) > 0 {
+		sort.SliceStable(missed, func(i, j int) bool { return missed[i].ratio/missed[i].goal.min < missed[j].ratio/missed[j].goal.min })
+		fmt.Fprintf(&b, " Missed, worst first:\n\n")
+		for _, g := range missed {
+			fmt.Fprintf(&b, "- %s: %s — %s needed, got %s.\n", g.row.title, g.goal.what, fmtRatio(g.goal.min), fmtRatio(g.ratio))
+		}
+	}
+	fmt.Fprintf(&b, "\n\n")
+
+	fmt.Fprintf(&b, "## Profile of the worst row\n\n%s\n", renderProfile(prof, true))
+	if convProf != nil {
+		fmt.Fprintf(&b, "## Profile of sparsedisk convert\n\n%s\n", renderProfile(convProf, false))
+	}
+
+	if len(failures) > 0 {
+		fmt.Fprintf(&b, "## Failures\n\nThese workloads failed in this run (their cells show —):\n\n")
+		for _, f := range failures {
+			fmt.Fprintf(&b, "- `%s`\n", truncate(strings.ReplaceAll(f, workDir, "$WORK"), 600))
+		}
+		fmt.Fprintf(&b, "\n")
+	}
+
+	fmt.Fprintf(&b, "## Method\n\n")
+	fmt.Fprintf(&b, "- NBD rows (1–3): each repetition gets a fresh, empty %s image per target; fio's `nbd` engine (libnbd, one connection) "+
+		"writes %s sequentially in 1 MiB requests at queue depth 1 (allocation path, then a flush), reads it back, then runs 4 KiB random writes (in place) "+
+		"and random reads over that region at queue depth 16 for %d s each. The local raw file is the ceiling: the same jobs on the file itself (psync, io_uring for depth 16), buffered, like the servers.\n",
+		cfg.imageSize, cfg.seqSize, cfg.randNBD)
+	fmt.Fprintf(&b, "- nbdcopy (4): a %s raw file with %s of random data in 1 MiB extents spread evenly; the qcow2 copy is made by `qemu-img convert`, the sparsedisk copy by `nbdcopy --destination-is-zero` into `sparsedisk serve`. Time of `nbdcopy URI null:` (default request size and extents), which shows how well holes are reported and skipped.\n",
+		gib(cfg.copyDisk), mib(cfg.copyData))
+	fmt.Fprintf(&b, "- Space (5): `mkfs.ext4 -d` with %d files of 16 MiB of random data onto a 20 GiB disk; the kernel here has no NBD module, so sparsedisk goes through `sparsedisk mount` and qcow2 through `nbdfuse` over `qemu-nbd`; raw is a sparse file. Bytes on disk = st_blocks × 512 of every file of the image (sparsedisk: descriptor, segments and LUT) after unmount.\n",
+		cfg.spaceFiles)
+	fmt.Fprintf(&b, "- FUSE rows (6): fio with `--direct=1` on the file in the mount (`sparsedisk mount` vs `nbdfuse` over `nbdkit file` on a Unix socket), fresh image per repetition; sequential %s, random for %d s; the local raw file with O_DIRECT is the ceiling.\n",
+		cfg.seqSize, cfg.randFUSE)
+	fmt.Fprintf(&b, "- Convert (7): a %s raw file with 10%% of its 64 KiB blocks (chosen at random) holding random data; wall time of each converter and bytes of its output on disk.\n\n",
+		gib(cfg.convertSize))
+
+	fmt.Fprintf(&b, "## Commands run\n\nEvery distinct command line, in order (`$WORK` is the scratch directory, `$PORT` a free loopback port picked per server):\n\n```\n")
+	cmdLogMu.Lock()
+	for _, c := range cmdLog {
+		fmt.Fprintln(&b, c)
+	}
+	cmdLogMu.Unlock()
+	fmt.Fprintf(&b, "```\n")
+	return b.String()
+}
+
+func groupTitle(g string) string {
+	return map[string]string{
+		"1 NBD":     "NBD (1–3): fio --ioengine=nbd",
+		"4 nbdcopy": "nbdcopy of a sparse disk (4)",
+		"5 space":   "Space on disk (5)",
+		"6 FUSE":    "FUSE (6): fio --direct=1 on the file in the mount",
+		"7 convert": "Convert from raw (7)",
+	}[g]
+}
+
+func renderProfile(p *profileReport, worst bool) string {
+	if p == nil {
+		return "Not run.\n"
+	}
+	if p.err != "" {
+		return fmt.Sprintf("The profile could not be taken: `%s`\n", p.err)
+	}
+	var b strings.Builder
+	if worst {
+		fmt.Fprintf(&b, "Worst row relative to its target: **%s** (%s vs %s). It was run again for sparsedisk alone with `perf record -F 999 -g` attached to the serving process (%s samples):\n\n",
+			p.row.title, fmtRatio(p.ratio), p.peer, p.samples)
+	} else {
+		fmt.Fprintf(&b, "The convert row has no target in the issue, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
+			fmtRatio(p.ratio), p.peer, p.samples)
+	}
+	fmt.Fprintf(&b, "```\n%s\n```\n\n", p.command)
+	fmt.Fprintf(&b, "Where the sparsedisk process's CPU time went (self time, by bucket):\n\n| bucket | share |\n|---|---:|\n")
+	type kv struct {
+		k string
+		v float64
+	}
+	var cats []kv
+	for k, v := range p.category {
+		cats = append(cats, kv{k, v})
+	}
+	sort.Slice(cats, func(i, j int) bool { return cats[i].v > cats[j].v })
+	for _, c := range cats {
+		fmt.Fprintf(&b, "| %s | %.1f%% |\n", c.k, c.v)
+	}
+	fmt.Fprintf(&b, "\nTop symbols by self time:\n\n| self | symbol |\n|---:|---|\n")
+	for i, s := range p.selfTop {
+		if i == 15 {
+			break
+		}
+		fmt.Fprintf(&b, "| %.1f%% | `%s` |\n", s.pct, s.sym)
+	}
+	if len(p.ours) > 0 {
+		fmt.Fprintf(&b, "\nsparsedisk functions by cumulative time (they and what they call):\n\n| cumulative | function |\n|---:|---|\n")
+		for i, s := range p.ours {
+			if i == 12 {
+				break
+			}
+			fmt.Fprintf(&b, "| %.1f%% | `%s` |\n", s.pct, s.sym)
+		}
+	}
+	fmt.Fprintf(&b, "\n%s Full report with call chains: `%s`.\n", profileVerdict(p), p.file)
+	return b.String()
+}
+
+// profileVerdict states, from the numbers alone, where the time goes.
+func profileVerdict(p *profileReport) string {
+	var kernel, gc, ours, sched float64
+	for k, v := range p.category {
+		switch {
+		case strings.HasPrefix(k, "kernel"):
+			kernel += v
+		case k == "Go: allocation and GC":
+			gc = v
+		case k == "sparsedisk code":
+			ours = v
+		case k == "Go: scheduler and other runtime":
+			sched = v
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "Finding: %.0f%% of the sparsedisk process's samples are in the kernel (system calls, data copies, sockets/FUSE), %.0f%% in Go allocation and GC, %.0f%% in the Go scheduler and the rest of the runtime, and %.0f%% in sparsedisk's own code (self time).",
+		kernel, gc, sched, ours)
+	top, topV := "", 0.0
+	for k, v := range p.category {
+		if v > topV {
+			top, topV = k, v
+		}
+	}
+	fmt.Fprintf(&b, " The largest bucket is %q (%.0f%%)", top, topV)
+	if len(p.selfTop) > 0 {
+		fmt.Fprintf(&b, "; the hottest symbol is `%s` (%.0f%%)", p.selfTop[0].sym, p.selfTop[0].pct)
+	}
+	// The deepest sparsedisk frame that still holds most of the time.
+	var deep symShare
+	for _, s := range p.ours {
+		if s.pct >= 0.5*p.ours[0].pct {
+			deep = s
+		}
+	}
+	if deep.sym != "" {
+		fmt.Fprintf(&b, ", reached through `%s` (%.0f%% cumulative)", deep.sym, deep.pct)
+	}
+	fmt.Fprintf(&b, ".")
+	switch {
+	case gc >= 10:
+		fmt.Fprintf(&b, " Allocation and GC are a visible share: per-request buffers are the first thing to pool.")
+	case ours >= 15:
+		fmt.Fprintf(&b, " sparsedisk's own code is a visible share: the cumulative table names the hot function.")
+	case strings.HasPrefix(top, "kernel: copying"):
+		fmt.Fprintf(&b, " The CPU goes to the kernel copying data between user buffers and the page cache or socket: work every peer does too, so the gap to the peer is not CPU spent in sparsedisk but how the copies are issued (sizes, number of system calls, waits between them).")
+	case sched >= 15 || strings.Contains(top, "scheduling"):
+		fmt.Fprintf(&b, " Much of the time is waking and switching threads per request (hand-offs between goroutines and the kernel), not the engine's own work.")
+	default:
+		fmt.Fprintf(&b, " The process spends little time in its own code: the gap is in the number of system calls and context switches per request, not in computation.")
+	}
+	return b.String()
+}
+
+// renderSummary is the short table printed on stdout at the end.
+func renderSummary(res *results) string {
+	var b strings.Builder
+	for _, r := range rowDefs {
+		fmt.Fprintf(&b, "%-42s %10s %-6s", r.title, fmtVal(res.median(r.id, r.self), r.unit), r.unit)
+		for _, p := range peersOf(r) {
+			fmt.Fprintf(&b, "  %s %s", p, fmtRatio(res.ratio(r, p)))
+		}
+		fmt.Fprintln(&b)
+	}
+	for _, g := range res.goals() {
+		if !g.met {
+			fmt.Fprintf(&b, "MISSED: %s: %s (%s)\n", g.row.title, g.goal.what, fmtRatio(g.ratio))
+		}
+	}
+	return b.String()
+}

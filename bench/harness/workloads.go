@@ -1,0 +1,466 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Every workload loops over repetitions outside and targets inside, with
+// the target order rotated each repetition, so slow phases of a shared
+// machine hit every target alike.
+
+func rotate(ts []string, rep int) []string {
+	out := slices.Clone(ts)
+	if len(out) > 0 {
+		k := rep % len(out)
+		out = append(out[k:], out[:k]...)
+	}
+	return out
+}
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "harness:   "+format+"\n", args...)
+}
+
+// nbdJobs are workloads 1-3: sequential 1 MiB writes into an empty image
+// and reads back, then 4 KiB random writes and reads at queue depth 16
+// over the same region.
+func nbdJobs() (seq, rnd []fioJob) {
+	seq = []fioJob{
+		{name: "seqwrite", rw: "write", bs: "1M", iodepth: 1, engine: "psync", size: cfg.seqSize, endFsync: true},
+		{name: "seqread", rw: "read", bs: "1M", iodepth: 1, engine: "psync", size: cfg.seqSize},
+	}
+	rnd = []fioJob{
+		{name: "randwrite", rw: "randwrite", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD, endFsync: true},
+		{name: "randread", rw: "randread", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD},
+	}
+	return seq, rnd
+}
+
+// nbdTarget is where fio's I/O goes for an NBD row: the nbd engine to a
+// server, or (the ceiling) the raw file with the job's own engine.
+func nbdTarget(j fioJob, srv *nbdServer, file string) []string {
+	if srv != nil {
+		return []string{"--ioengine=nbd", "--uri=" + srv.uri()}
+	}
+	return []string{"--ioengine=" + j.engine, "--filename=" + file}
+}
+
+func benchNBD(ctx context.Context, res *results) error {
+	seq, rnd := nbdJobs()
+	jobs := append(seq, rnd...)
+	rows := []string{"nbd-seqwrite", "nbd-seqread", "nbd-randwrite", "nbd-randread"}
+	dir := filepath.Join(workDir, "nbd")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	var errs []string
+	for rep := 0; rep < cfg.reps; rep++ {
+		for _, t := range rotate(rowByID("nbd-seqwrite").targets, rep) {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			err := func() error {
+				defer teardown()
+				img, err := createImage(ctx, t, filepath.Join(dir, "img"), cfg.imageSize)
+				if err != nil {
+					return err
+				}
+				defer removeImage(img)
+				var srv *nbdServer
+				if t != tLocal {
+					if srv, err = serveNBD(t, img); err != nil {
+						return err
+					}
+				}
+				for i, j := range jobs {
+					r, err := runFio(ctx, j, nbdTarget(j, srv, img)...)
+					if err != nil {
+						return err
+					}
+					v := r.MiBps
+					if rowByID(rows[i]).unit == unitIOPS {
+						v = r.IOPS
+					}
+					res.add(rows[i], t, v)
+					progress("rep %d %-16s %-14s %10.1f %s", rep+1, t, j.name, v, rowByID(rows[i]).unit)
+				}
+				return nil
+			}()
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
+				warnf("nbd %s: %v", t, err)
+			}
+		}
+	}
+	return joinErrs(errs)
+}
+
+func joinErrs(errs []string) error {
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s", strings.Join(errs, "; "))
+}
+
+// writeRandom fills [off, off+n) of f with pseudo-random (incompressible,
+// never all-zero) bytes from rng.
+func writeRandom(f *os.File, rng *rand.ChaCha8, off, n int64) error {
+	buf := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(buf)))
+		rng.Read(buf[:k])
+		if _, err := f.WriteAt(buf[:k], off); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+func seed(s string) [32]byte {
+	var b [32]byte
+	copy(b[:], s)
+	return b
+}
+
+// benchCopy is workload 4: nbdcopy of a 20 GiB disk holding 200 MiB of
+// data (1 MiB extents spread evenly) to null:, so the time is how well
+// each server reports and skips holes.
+func benchCopy(ctx context.Context, res *results) error {
+	dir := filepath.Join(workDir, "copy")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	src := filepath.Join(dir, "src.raw")
+	f, err := os.Create(src)
+	if err != nil {
+		return err
+	}
+	rng := rand.NewChaCha8(seed("nbdcopy"))
+	extents := cfg.copyData >> 20
+	step := cfg.copyDisk / extents
+	for i := int64(0); i < extents; i++ {
+		if err := writeRandom(f, rng, i*step, 1<<20); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if err := f.Truncate(cfg.copyDisk); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	size := fmt.Sprint(cfg.copyDisk)
+
+	// One image per target, holding the same data.
+	images := map[string]string{tQraw: src, tKit: src, tLocal: src}
+	images[tQcow] = filepath.Join(dir, "copy.qcow2")
+	if _, err := run(ctx, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, images[tQcow]); err != nil {
+		return err
+	}
+	images[tSD], err = createImage(ctx, tSD, filepath.Join(dir, "copy"), size)
+	if err != nil {
+		return err
+	}
+	err = func() error {
+		defer teardown()
+		srv, err := serveNBD(tSD, images[tSD])
+		if err != nil {
+			return err
+		}
+		_, err = run(ctx, "nbdcopy", "--destination-is-zero", src, srv.uri())
+		return err
+	}()
+	if err != nil {
+		return fmt.Errorf("filling the sparsedisk image: %w", err)
+	}
+
+	var errs []string
+	for rep := 0; rep < cfg.reps; rep++ {
+		for _, t := range rotate(rowByID("nbdcopy").targets, rep) {
+			err := func() error {
+				defer teardown()
+				from := images[t]
+				if t != tLocal {
+					srv, err := serveNBD(t, images[t])
+					if err != nil {
+						return err
+					}
+					from = srv.uri()
+				}
+				d, err := timed(ctx, "nbdcopy", from, "null:")
+				if err != nil {
+					return err
+				}
+				res.add("nbdcopy", t, d.Seconds())
+				progress("rep %d %-16s nbdcopy %8.3f s", rep+1, t, d.Seconds())
+				return nil
+			}()
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
+				warnf("nbdcopy %s: %v", t, err)
+			}
+		}
+	}
+	return joinErrs(errs)
+}
+
+// makeFiles writes n files of 16 MiB of random data into dir (the tree
+// mkfs.ext4 -d copies onto the new file system).
+func makeFiles(dir string, n int) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	rng := rand.NewChaCha8(seed("space"))
+	for i := 0; i < n; i++ {
+		f, err := os.Create(filepath.Join(dir, fmt.Sprintf("file%03d.bin", i)))
+		if err != nil {
+			return err
+		}
+		err = writeRandom(f, rng, 0, 16<<20)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// benchSpace is workload 5: mkfs.ext4 on a 20 GiB disk, populated with
+// the files (mkfs.ext4 -d), then the bytes the image takes on the host.
+// The kernel has no NBD module here, so sparsedisk goes through its FUSE
+// mount and qcow2 through nbdfuse over qemu-nbd; the raw peer is a sparse
+// file that mkfs writes directly.
+func benchSpace(ctx context.Context, res *results) error {
+	dir := filepath.Join(workDir, "space")
+	files := filepath.Join(dir, "files")
+	if err := makeFiles(files, cfg.spaceFiles); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	var errs []string
+	for rep := 0; rep < cfg.reps; rep++ {
+		for _, t := range rotate(rowByID("space").targets, rep) {
+			err := func() error {
+				defer teardown()
+				img, err := createImage(ctx, t, filepath.Join(dir, "disk"), "20G")
+				if err != nil {
+					return err
+				}
+				defer removeImage(img)
+				dev := img
+				if t != tRawFile {
+					ff, err := mountFUSE(t, img, dir)
+					if err != nil {
+						return err
+					}
+					dev = ff.path
+				}
+				if _, err := run(ctx, "mkfs.ext4", "-F", "-q", "-d", files, dev); err != nil {
+					return err
+				}
+				if t != tRawFile {
+					if _, err := run(ctx, "sync", dev); err != nil {
+						return err
+					}
+				}
+				teardown() // unmount, stop servers: images are flushed and closed
+				n, err := onDisk(imageFiles(img)...)
+				if err != nil {
+					return err
+				}
+				res.add("space", t, float64(n)/(1<<20))
+				progress("rep %d %-16s space %10.1f MiB", rep+1, t, float64(n)/(1<<20))
+				return nil
+			}()
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
+				warnf("space %s: %v", t, err)
+			}
+		}
+	}
+	return joinErrs(errs)
+}
+
+// fuseJobs is workload 6: through the file in a FUSE mount, O_DIRECT so
+// the host page cache above FUSE is not what is measured.
+func fuseJobs() []fioJob {
+	var js []fioJob
+	for _, e := range []struct {
+		engine string
+		depth  int
+	}{{"psync", 1}, {"libaio", 16}} {
+		js = append(js,
+			fioJob{name: fmt.Sprintf("seqwrite-%s", e.engine), rw: "write", bs: "1M", iodepth: e.depth, engine: e.engine, size: cfg.seqSize, direct: true, endFsync: true},
+			fioJob{name: fmt.Sprintf("seqread-%s", e.engine), rw: "read", bs: "1M", iodepth: e.depth, engine: e.engine, size: cfg.seqSize, direct: true},
+		)
+	}
+	for _, e := range []struct {
+		engine string
+		depth  int
+	}{{"psync", 1}, {"libaio", 16}} {
+		js = append(js,
+			fioJob{name: fmt.Sprintf("randwrite-%s", e.engine), rw: "randwrite", bs: "4k", iodepth: e.depth, engine: e.engine, size: cfg.seqSize, runtime: cfg.randFUSE, direct: true, endFsync: true},
+			fioJob{name: fmt.Sprintf("randread-%s", e.engine), rw: "randread", bs: "4k", iodepth: e.depth, engine: e.engine, size: cfg.seqSize, runtime: cfg.randFUSE, direct: true},
+		)
+	}
+	return js
+}
+
+func benchFUSE(ctx context.Context, res *results) error {
+	dir := filepath.Join(workDir, "fuse")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	jobs := fuseJobs()
+	var errs []string
+	for rep := 0; rep < cfg.reps; rep++ {
+		for _, t := range rotate(rowByID("fuse-seqwrite-psync").targets, rep) {
+			err := func() error {
+				defer teardown()
+				img, err := createImage(ctx, t, filepath.Join(dir, "img"), cfg.imageSize)
+				if err != nil {
+					return err
+				}
+				defer removeImage(img)
+				file := img
+				if t != tLocal {
+					ff, err := mountFUSE(t, img, dir)
+					if err != nil {
+						return err
+					}
+					file = ff.path
+				}
+				for _, j := range jobs {
+					r, err := runFio(ctx, j, "--ioengine="+j.engine, "--filename="+file)
+					if err != nil {
+						return err
+					}
+					row := rowByID("fuse-" + j.name)
+					v := r.MiBps
+					if row.unit == unitIOPS {
+						v = r.IOPS
+					}
+					res.add(row.id, t, v)
+					progress("rep %d %-20s %-18s %10.1f %s", rep+1, t, j.name, v, row.unit)
+				}
+				return nil
+			}()
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
+				warnf("fuse %s: %v", t, err)
+			}
+		}
+	}
+	return joinErrs(errs)
+}
+
+// benchConvert is workload 7: a raw image with 10% of its 64 KiB blocks
+// holding random data (at random places) converted to a sparse sparsedisk
+// image and to qcow2.
+func benchConvert(ctx context.Context, res *results) error {
+	if out, _ := run(ctx, binPath, "--help"); !strings.Contains(string(out), "convert") {
+		return fmt.Errorf("this sparsedisk has no convert command yet")
+	}
+	dir := filepath.Join(workDir, "convert")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	src := filepath.Join(dir, "src.raw")
+	if err := makeConvertSource(src); err != nil {
+		return err
+	}
+	var errs []string
+	for rep := 0; rep < cfg.reps; rep++ {
+		for _, t := range rotate(rowByID("convert-time").targets, rep) {
+			err := func() error {
+				dst := filepath.Join(dir, "dst.qcow2")
+				if t == tSDConv {
+					dst = filepath.Join(dir, "dst.img")
+				}
+				args := convertArgs(t, src, dst)
+				removeImage(dst)
+				defer removeImage(dst)
+				// The time includes syncing the output, so every tool's
+				// result is durable whatever its own cache mode.
+				t0 := time.Now()
+				if _, err := run(ctx, args...); err != nil {
+					return err
+				}
+				if _, err := run(ctx, append([]string{"sync"}, imageFiles(dst)...)...); err != nil {
+					return err
+				}
+				d := time.Since(t0)
+				n, err := onDisk(imageFiles(dst)...)
+				if err != nil {
+					return err
+				}
+				res.add("convert-time", t, d.Seconds())
+				res.add("convert-size", t, float64(n)/(1<<20))
+				progress("rep %d %-22s convert %8.2f s, %8.1f MiB", rep+1, t, d.Seconds(), float64(n)/(1<<20))
+				return nil
+			}()
+			if err != nil {
+				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
+				warnf("convert %s: %v", t, err)
+			}
+		}
+	}
+	return joinErrs(errs)
+}
+
+func blocksOf(st os.FileInfo) int64 {
+	if s, ok := st.Sys().(*syscall.Stat_t); ok {
+		return s.Blocks
+	}
+	return (st.Size() + 511) / 512
+}
+
+// makeConvertSource writes the convert input: a raw file of
+// cfg.convertSize with 10% of its 64 KiB blocks, chosen at random,
+// holding random data.
+func makeConvertSource(src string) error {
+	f, err := os.Create(src)
+	if err != nil {
+		return err
+	}
+	const blk = 64 << 10
+	nblk := cfg.convertSize / blk
+	pick := rand.New(rand.NewPCG(7, 10))
+	chosen := pick.Perm(int(nblk))[:nblk/10]
+	slices.Sort(chosen)
+	rng := rand.NewChaCha8(seed("convert"))
+	for _, b := range chosen {
+		if err := writeRandom(f, rng, int64(b)*blk, blk); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if err := f.Truncate(cfg.convertSize); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// convertArgs is the command line of converter t.
+func convertArgs(t, src, dst string) []string {
+	if t == tSDConv {
+		return []string{binPath, "convert", "-q", src, dst, "layout=sparse", "split=1G", "sectorsize=4096"}
+	}
+	return []string{"qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, dst}
+}
