@@ -2,9 +2,7 @@ package nbd
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -156,9 +154,6 @@ func FuzzRequest(f *testing.F) {
 		}
 	})
 }
-
-var _ = errors.New
-var _ = io.EOF
 
 // TestWriteFuzzCorpus regenerates testdata/fuzz from the seed functions
 // when NBD_WRITE_CORPUS=1; otherwise it checks that the corpus exists.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -370,8 +369,6 @@ func pattern(n int, seed byte) []byte {
 	}
 	return b
 }
-
-var _ = fmt.Sprintf
 
 func netListen(t testing.TB) (net.Listener, error) {
 	t.Helper()

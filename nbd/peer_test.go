@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -497,5 +496,3 @@ func TestLibnbdTLS(t *testing.T) {
 		})
 	}
 }
-
-var _ = net.Dial

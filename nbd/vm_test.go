@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"debug/elf"
 	"encoding/hex"
 	"fmt"
 	"os"
@@ -104,8 +105,8 @@ func TestVMOnExport(t *testing.T) {
 	busybox := "/bin/busybox"
 	kdir := vmKernelDir()
 	kernels, _ := filepath.Glob(filepath.Join(kdir, "boot", "vmlinuz-*"))
-	if _, err := os.Stat(busybox); err != nil || len(kernels) == 0 {
-		msg := fmt.Sprintf("VM test needs busybox-static (%s) and a Debian kernel unpacked in %s (nbd/testdata/vm/fetch-kernel.sh)", busybox, kdir)
+	if !staticELF(busybox) || len(kernels) == 0 {
+		msg := fmt.Sprintf("VM test needs busybox-static (a static %s) and a Debian kernel unpacked in %s (nbd/testdata/vm/fetch-kernel.sh)", busybox, kdir)
 		if os.Getenv("CI") == "true" {
 			t.Fatal(msg)
 		}
@@ -266,4 +267,20 @@ func copyOut(t *testing.T, d Backend, path string) {
 			f.WriteAt(buf[:n], off)
 		}
 	}
+}
+
+// staticELF reports whether path is an ELF executable without a program
+// interpreter, i.e. one that runs in an initramfs without a libc.
+func staticELF(path string) bool {
+	f, err := elf.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return false
+		}
+	}
+	return true
 }

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -364,5 +363,3 @@ func TestServeSocketActivation(t *testing.T) {
 		t.Errorf("activation not logged:\n%s", stderr)
 	}
 }
-
-var _ = io.EOF
