@@ -39,7 +39,8 @@ type Backend interface {
 	ReadOnly() bool
 }
 
-// Export is one named disk offered by a Server.
+// Export is one named disk offered by a Server. It is plain data, copied
+// by NewServer; it is not used concurrently by itself (its Backend is).
 type Export struct {
 	// Name is the export name clients ask for. The first export is also
 	// the default export, selected by an empty name.
@@ -52,7 +53,8 @@ type Export struct {
 	ReadOnly bool
 }
 
-// TLSMode selects how the server uses TLS.
+// TLSMode selects how the server uses TLS. It is an immutable value, safe
+// to share.
 type TLSMode int
 
 const (
@@ -105,7 +107,9 @@ const (
 )
 
 // Config holds the server's limits and TLS setup. The zero value is usable:
-// every zero field takes the documented default.
+// every zero field takes the documented default. NewServer copies it;
+// changing a Config afterwards does not affect the server, and the
+// TLSConfig it points to must not be modified once serving.
 type Config struct {
 	// TLS selects the TLS mode; TLSConfig must be set unless TLSOff.
 	// To demand client certificates, set TLSConfig.ClientAuth and ClientCAs.
