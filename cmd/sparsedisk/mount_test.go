@@ -387,3 +387,29 @@ func TestMountKill9(t *testing.T) {
 		}
 	}
 }
+
+// TestMountSyncKill9: with --sync every acknowledged write survives kill -9
+// without any fsync.
+func TestMountSyncKill9(t *testing.T) {
+	image := testImage(t)
+	p := startMount(t, image, "--sync")
+	f, err := os.OpenFile(p.file, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("sync!"), 30000)
+	for i := range 5 {
+		if _, err := f.WriteAt(data, int64(i)<<20+int64(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p.cmd.Process.Kill()
+	p.wait(t)
+	f.Close()
+	unix.Unmount(p.dir, unix.MNT_DETACH)
+	for i := range 5 {
+		if got := readImage(t, image, int64(i)<<20+int64(i), int64(len(data))); !bytes.Equal(got, data) {
+			t.Errorf("write %d lost despite --sync", i)
+		}
+	}
+}
