@@ -20,7 +20,8 @@
 //     durable when it returns (the engine's durability contract).
 //   - close(2) (FUSE FLUSH) does not flush the engine; close promises no
 //     durability and tools that open and close often would pay a sync each
-//     time. Unmounting and closing the image do flush.
+//     time. The mount command flushes and closes the image once the file
+//     system is unmounted.
 //   - fallocate(PUNCH_HOLE|KEEP_SIZE) is Trim; fallocate(ZERO_RANGE), with
 //     or without KEEP_SIZE, is WriteZeroes. Both free the space. Other modes,
 //     plain preallocation included, are EOPNOTSUPP (there is nothing to

@@ -55,7 +55,9 @@ func mountAction(c *cli.Context) error {
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
 
 	// Check what we can before opening the image, which marks it dirty.
-	if st, err := os.Stat(dir); err != nil {
+	if st, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
+		return fmt.Errorf("mount point %s is a stale FUSE mount (its process died); run `sparsedisk umount %s` first: %w", dir, dir, err)
+	} else if err != nil {
 		return fmt.Errorf("mount point %s: %w", dir, err)
 	} else if !st.IsDir() {
 		return fmt.Errorf("mount point %s is not a directory", dir)
