@@ -14,8 +14,8 @@ import (
 )
 
 // conn is one client connection. Its goroutine runs the handshake and then
-// the request reader; each admitted request runs in its own goroutine and
-// replies are serialized by wmu.
+// the request reader; admitted requests run on the connection's worker
+// goroutines and their replies go through the reply queue (out).
 type conn struct {
 	s   *Server
 	log *slog.Logger
@@ -107,7 +107,12 @@ type transmission struct {
 	sess *session
 	nc   net.Conn
 	lim  limiter
-	wg   sync.WaitGroup // one per request goroutine
+	wg   sync.WaitGroup // one per admitted request not yet answered
+
+	// jobs feeds the worker goroutines; jobs and workers are used by the
+	// reader goroutine only (workers only receive from jobs).
+	jobs    chan job
+	workers int
 }
 
 func (t *transmission) run() {
@@ -171,17 +176,12 @@ func (t *transmission) run() {
 		}
 		t.c.inflight.Add(1)
 		t.wg.Add(1)
-		go func() {
-			defer t.wg.Done()
-			defer t.c.inflight.Add(-1)
-			defer t.lim.release(weight)
-			t.handle(req, payload)
-			if payload != nil {
-				putBuf(payload)
-			}
-		}()
+		t.dispatch(job{req, payload, weight})
 	}
 	t.wg.Wait()
+	if t.jobs != nil {
+		close(t.jobs)
+	}
 	switch {
 	case disc:
 		if !t.x.readOnly {
@@ -196,6 +196,50 @@ func (t *transmission) run() {
 		t.c.log.Info("nbd: connection closed by shutdown")
 	default:
 		t.c.log.Info("nbd: connection ended", "err", reason)
+	}
+}
+
+// job is one admitted request.
+type job struct {
+	req     request
+	payload []byte
+	weight  int64
+}
+
+// dispatch hands j to an idle worker, or starts a new one while fewer than
+// MaxInFlight exist. Workers live as long as the connection, so requests
+// do not pay for a fresh goroutine and its stack growth each time.
+func (t *transmission) dispatch(j job) {
+	if t.jobs == nil {
+		t.jobs = make(chan job)
+	}
+	select {
+	case t.jobs <- j:
+		return
+	default:
+	}
+	if t.workers < t.c.s.cfg.MaxInFlight {
+		t.workers++
+		go t.worker(j)
+		return
+	}
+	t.jobs <- j
+}
+
+// worker executes j, then further jobs until the connection ends.
+func (t *transmission) worker(j job) {
+	for {
+		t.handle(j.req, j.payload)
+		if j.payload != nil {
+			putBuf(j.payload)
+		}
+		t.lim.release(j.weight)
+		t.c.inflight.Add(-1)
+		t.wg.Done()
+		var ok bool
+		if j, ok = <-t.jobs; !ok {
+			return
+		}
 	}
 }
 

@@ -62,9 +62,10 @@
 // # Concurrency
 //
 // A [Server] is safe for concurrent use. Each connection has one goroutine
-// that performs the handshake and then reads requests. Every admitted
-// request runs in its own goroutine, so requests of one connection execute
-// in parallel; a limiter bounds them to Config.MaxInFlight requests and
+// that performs the handshake and then reads requests. Admitted
+// requests run on worker goroutines that live as long as the connection
+// (at most Config.MaxInFlight of them), so requests of one connection
+// execute in parallel; a limiter bounds them to Config.MaxInFlight requests and
 // Config.MaxInFlightBytes of payload per connection, and the reader stops
 // reading while the bound is reached (back-pressure through TCP). Replies
 // are queued whole on a per-connection queue; whichever request finds no
