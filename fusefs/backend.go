@@ -27,7 +27,9 @@ type Backend interface {
 
 // AllocatedByteser is an optional Backend extension: a cheap count of the
 // bytes the image holds allocated, used for st_blocks and statfs. Backends
-// without it are asked for Extents over the whole disk instead.
+// without it are asked for Extents over the whole disk instead (the mount
+// caches the count until the next data change). Like every Backend method it
+// must be safe for concurrent use.
 type AllocatedByteser interface {
 	AllocatedBytes() (int64, error)
 }

@@ -22,7 +22,9 @@ const MaxWrite = 1 << 20
 // iodepth-16 workloads.
 const maxBackground = 64
 
-// Options configure Mount. The zero value is usable apart from Name.
+// Options configure New. The zero value is usable apart from Name. New
+// copies what it needs, so an Options value may be reused or changed
+// afterwards; it is plain data with no concurrency guarantees of its own.
 type Options struct {
 	// Name is the file name inside the mount point. Required.
 	Name string
