@@ -69,11 +69,13 @@ func benchNBD(ctx context.Context, res *results) error {
 			}
 			err := func() error {
 				defer teardown()
-				img, err := createImage(ctx, t, filepath.Join(dir, "img"), cfg.imageSize)
+				img, err := createImage(ctx, t, filepath.Join(dir, imgName(rep, t)), cfg.imageSize)
 				if err != nil {
 					return err
 				}
-				defer removeImage(img)
+				// Servers close their images (sparsedisk rewrites its
+				// descriptor) when stopped: stop them before deleting.
+				defer func() { teardown(); removeImage(img) }()
 				var srv *nbdServer
 				if t != tLocal {
 					if srv, err = serveNBD(t, img); err != nil {
@@ -255,11 +257,13 @@ func benchSpace(ctx context.Context, res *results) error {
 		for _, t := range rotate(rowByID("space").targets, rep) {
 			err := func() error {
 				defer teardown()
-				img, err := createImage(ctx, t, filepath.Join(dir, "disk"), "20G")
+				img, err := createImage(ctx, t, filepath.Join(dir, imgName(rep, t)), "20G")
 				if err != nil {
 					return err
 				}
-				defer removeImage(img)
+				// Servers close their images (sparsedisk rewrites its
+				// descriptor) when stopped: stop them before deleting.
+				defer func() { teardown(); removeImage(img) }()
 				dev := img
 				if t != tRawFile {
 					ff, err := mountFUSE(t, img, dir)
@@ -331,11 +335,13 @@ func benchFUSE(ctx context.Context, res *results) error {
 		for _, t := range rotate(rowByID("fuse-seqwrite-psync").targets, rep) {
 			err := func() error {
 				defer teardown()
-				img, err := createImage(ctx, t, filepath.Join(dir, "img"), cfg.imageSize)
+				img, err := createImage(ctx, t, filepath.Join(dir, imgName(rep, t)), cfg.imageSize)
 				if err != nil {
 					return err
 				}
-				defer removeImage(img)
+				// Servers close their images (sparsedisk rewrites its
+				// descriptor) when stopped: stop them before deleting.
+				defer func() { teardown(); removeImage(img) }()
 				file := img
 				if t != tLocal {
 					ff, err := mountFUSE(t, img, dir)
@@ -463,4 +469,10 @@ func convertArgs(t, src, dst string) []string {
 		return []string{binPath, "convert", "-q", src, dst, "layout=sparse", "split=1G", "sectorsize=4096"}
 	}
 	return []string{"qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, dst}
+}
+
+// imgName is a per-repetition, per-target image name, so a server that
+// is slow to let go of an image never collides with the next one.
+func imgName(rep int, target string) string {
+	return fmt.Sprintf("r%d-%s", rep+1, strings.NewReplacer(" ", "-", "+", "-").Replace(target))
 }
