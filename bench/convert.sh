@@ -37,21 +37,23 @@ sync
 cat "$WORK/in.raw" > /dev/null    # warm the page cache for every tool alike
 
 ondisk() { du --block-size=1 -c "$@" | tail -1 | cut -f1; }
-best() { # best wall time in seconds of RUNS runs of "$@" (outputs removed between runs by the caller's cleanup)
-  local b=999999 t
+best() { # "wall cpu": best wall time (s) of RUNS runs of "$@", and that run's user+sys CPU time
+  local b=999999 bc=0 t c
   for _ in $(seq "$RUNS"); do
     eval "$CLEAN"
+    sync
     local s=$(date +%s.%N)
-    "$@" >/dev/null
+    /usr/bin/time -f '%U %S' -o "$WORK/cpu" "$@" >/dev/null
     sync
     t=$(echo "$(date +%s.%N) - $s" | bc)
-    b=$(echo "if ($t < $b) $t else $b" | bc)
+    c=$(awk '{print $1 + $2}' "$WORK/cpu")
+    if [ "$(echo "$t < $b" | bc)" = 1 ]; then b=$t; bc=$c; fi
   done
-  printf '%.2f' "$b"
+  printf '%.2f %.2f' "$b" "$bc"
 }
-row() { printf '%-44s %8s s %14s bytes\n' "$1" "$2" "$3"; }
+row() { set -- "$1" $2 "$3"; printf '%-42s %7s s wall %7s s cpu %12s bytes on disk\n' "$1" "$2" "$3" "$4"; }
 
-echo "# wall time includes a final sync (every tool's output durable)"
+echo "# wall time includes a final sync (every tool's output durable); cpu = user+sys of that run; load: $(cut -d" " -f1-3 /proc/loadavg)"
 CLEAN='rm -f "$WORK/q.qcow2"'
 t=$(best qemu-img convert -O qcow2 "$WORK/in.raw" "$WORK/q.qcow2")
 row "qemu-img convert -O qcow2" "$t" "$(ondisk "$WORK/q.qcow2")"

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
+	"golang.org/x/sys/unix"
 )
 
 // convertChunk is the unit of a convert's reads.
@@ -193,6 +195,11 @@ func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) er
 		}
 		mu.Unlock()
 	}
+	var holes *holeFinder
+	if _, isOS := o.FS.(vfs.OS); (o.FS == nil || isOS) && in.Params().Layout != LayoutSparse {
+		holes = newHoleFinder(in)
+		defer holes.close()
+	}
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {
 		wg.Add(1)
@@ -203,7 +210,7 @@ func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) er
 				if failed() {
 					continue
 				}
-				if err := copyRange(in, out, p.SectorSize, buf, j.off, j.n, progress); err != nil {
+				if err := copyRange(in, out, holes, p.SectorSize, buf, j.off, j.n, progress); err != nil {
 					fail(err)
 				}
 			}
@@ -219,7 +226,7 @@ func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) er
 
 // copyRange copies [off, off+n) in chunks, skipping the source's holes and
 // the destination sectors that are all zeros.
-func copyRange(in, out *Disk, ss int64, buf []byte, off, n int64, progress func(n, data int64)) error {
+func copyRange(in, out *Disk, holes *holeFinder, ss int64, buf []byte, off, n int64, progress func(n, data int64)) error {
 	sparseIn := in.Params().Layout == LayoutSparse
 	for pos := off; pos < off+n; {
 		c := min(int64(len(buf)), off+n-pos)
@@ -230,6 +237,8 @@ func copyRange(in, out *Disk, ss int64, buf []byte, off, n int64, progress func(
 			if exts, err = in.Extents(pos, c); err != nil {
 				return fmt.Errorf("source extents at offset %d: %w", pos, err)
 			}
+		} else if holes != nil {
+			exts = holes.extents(pos, c)
 		} else {
 			exts = []Extent{{Offset: pos, Length: c, Allocated: true}}
 		}
@@ -315,4 +324,99 @@ func installImage(fsys vfs.FS, tmp, dst string, p Params) error {
 		return fmt.Errorf("rename %s into place: %w", dst, err)
 	}
 	return syncDirOf(fsys, dst)
+}
+
+// holeFinder finds the data regions of a raw or split source on the
+// operating system's file system with lseek(SEEK_DATA/SEEK_HOLE), so a
+// convert never reads the source's holes (as qemu-img does not). Any
+// failure makes it report the range as data: it only ever saves work.
+type holeFinder struct {
+	split int64
+	files []*os.File // per segment; nil if it could not be opened
+}
+
+func newHoleFinder(in *Disk) *holeFinder {
+	p := in.Params()
+	h := &holeFinder{split: p.Split}
+	for i := 0; i < p.Segments(); i++ {
+		name := in.Path()
+		if p.Layout != LayoutRaw {
+			name = segment.Name(in.Path(), i)
+		}
+		f, err := os.Open(name)
+		if err != nil {
+			f = nil
+		}
+		h.files = append(h.files, f)
+	}
+	return h
+}
+
+func (h *holeFinder) close() {
+	for _, f := range h.files {
+		if f != nil {
+			f.Close()
+		}
+	}
+}
+
+// extents describes [pos, pos+n) of the disk as data and hole runs that
+// cover it exactly, in order.
+func (h *holeFinder) extents(pos, n int64) []Extent {
+	var out []Extent
+	add := func(o, l int64, a bool) {
+		if l <= 0 {
+			return
+		}
+		if k := len(out) - 1; k >= 0 && out[k].Allocated == a && out[k].Offset+out[k].Length == o {
+			out[k].Length += l
+			return
+		}
+		out = append(out, Extent{Offset: o, Length: l, Allocated: a})
+	}
+	end := pos + n
+	for pos < end {
+		i := pos / h.split
+		segEnd := min(end, (i+1)*h.split)
+		base := i * h.split
+		var f *os.File
+		if int(i) < len(h.files) {
+			f = h.files[i]
+		}
+		if f == nil {
+			add(pos, segEnd-pos, true)
+			pos = segEnd
+			continue
+		}
+		fd := int(f.Fd())
+		for pos < segEnd {
+			d, err := unix.Seek(fd, pos-base, unix.SEEK_DATA)
+			if err != nil { // ENXIO: no data from here to the end of the file
+				if err == unix.ENXIO {
+					add(pos, segEnd-pos, false)
+				} else {
+					add(pos, segEnd-pos, true)
+				}
+				pos = segEnd
+				break
+			}
+			d += base
+			if d >= segEnd {
+				add(pos, segEnd-pos, false)
+				pos = segEnd
+				break
+			}
+			add(pos, d-pos, false)
+			e, err := unix.Seek(fd, d-base, unix.SEEK_HOLE)
+			if err != nil {
+				add(d, segEnd-d, true)
+				pos = segEnd
+				break
+			}
+			e = min(e+base, segEnd)
+			add(d, e-d, true)
+			pos = e
+		}
+	}
+	return out
 }
