@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"math/rand/v2"
 	"os"
@@ -228,10 +229,15 @@ func TestMountUmountCommand(t *testing.T) {
 	data := bytes.Repeat([]byte("umount"), 50000)
 	writeSync(t, p.file, data, 12345)
 
-	// A second mount of the same image is refused: image in use.
-	_, errOut, code := sdRun(t, "mount", image, t.TempDir())
-	if code == 0 || !strings.Contains(errOut, "in use") {
-		t.Errorf("second mount: exit %d, %q", code, errOut)
+	// A second mount of the same image is refused: image in use. Run as a
+	// child with a deadline, so a regression fails instead of hanging.
+	second := t.TempDir()
+	t.Cleanup(func() { unix.Unmount(second, unix.MNT_DETACH) })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, binary(t), "mount", image, second).CombinedOutput()
+	if err == nil || ctx.Err() != nil || !strings.Contains(string(out), "in use") {
+		t.Errorf("second mount: %v (deadline: %v), %q", err, ctx.Err(), out)
 	}
 
 	if _, errOut, code := sdRun(t, "umount", p.dir); code != 0 {
