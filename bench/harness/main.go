@@ -170,11 +170,11 @@ func mainErr(out, bin, work, only string) error {
 		fmt.Fprintf(os.Stderr, "harness: == %s done in %s\n", s.name, time.Since(t0).Round(time.Second))
 	}
 
-	prof, err := profileWorst(ctx, res, out)
+	profs, err := profileRows(ctx, res, out)
 	teardown()
 	if err != nil {
 		warnf("profile: %v", err)
-		prof = &profileReport{err: err.Error()}
+		profs = []*profileReport{{err: err.Error()}}
 	}
 	if ctx.Err() != nil {
 		return ctx.Err()
@@ -195,7 +195,10 @@ func mainErr(out, bin, work, only string) error {
 		warnf("chart: %v", err)
 		failures = append(failures, "chart: "+err.Error())
 	}
-	md := renderMarkdown(ctx, res, prof, convProf, failures, elapsed)
+	md := renderMarkdown(ctx, res, profs, convProf, failures, elapsed)
+	if err := writeJSON(res, filepath.Join(out, "results.json")); err != nil {
+		warnf("results.json: %v", err)
+	}
 	if err := os.WriteFile(filepath.Join(out, "RESULTS.md"), []byte(md), 0o644); err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // The worst row (lowest ratio of sparsedisk to the peer its goal names,
@@ -34,7 +35,9 @@ type profileReport struct {
 	ours     []symShare // sparsedisk packages, cumulative (children)
 	category map[string]float64
 	samples  string
-	file     string // the full report next to RESULTS.md
+	file     string        // the full report next to RESULTS.md
+	wall     time.Duration // how long the profiled run took
+	cpu      time.Duration // CPU time perf sampled in the process
 	err      string
 }
 
@@ -54,7 +57,9 @@ func worstRow(res *results) (*rowDef, string, float64) {
 	return worst, peer, ratio
 }
 
-func profileWorst(ctx context.Context, res *results, out string) (*profileReport, error) {
+// profileRows profiles the worst row first (into profile.txt), then every
+// other fio row that misses a target (profile-ROW.txt), at most four.
+func profileRows(ctx context.Context, res *results, out string) ([]*profileReport, error) {
 	row, peer, ratio := worstRow(res)
 	if row == nil {
 		return nil, fmt.Errorf("no fio row has results to profile")
@@ -62,6 +67,34 @@ func profileWorst(ctx context.Context, res *results, out string) (*profileReport
 	if _, err := exec.LookPath("perf"); err != nil {
 		return nil, fmt.Errorf("perf is not installed (Debian: linux-perf); no profile")
 	}
+	reps := []*profileReport{}
+	r, err := profileRow(ctx, row, peer, ratio, out, "profile.txt")
+	if err != nil {
+		return nil, err
+	}
+	reps = append(reps, r)
+	done := map[string]bool{row.id: true}
+	for _, g := range res.goals() {
+		if len(reps) == 4 || ctx.Err() != nil {
+			break
+		}
+		if g.met || g.row.job == nil || done[g.row.id] || math.IsNaN(g.ratio) {
+			continue
+		}
+		done[g.row.id] = true
+		r, err := profileRow(ctx, g.row, g.goal.peer, g.ratio, out, "profile-"+g.row.id+".txt")
+		if err != nil {
+			warnf("profile %s: %v", g.row.id, err)
+			continue
+		}
+		reps = append(reps, r)
+	}
+	return reps, nil
+}
+
+// profileRow reruns row's job for sparsedisk under perf.
+func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, out, file string) (*profileReport, error) {
+	defer teardown()
 	fmt.Fprintf(os.Stderr, "harness: == profile: %s (%.2f× %s)\n", row.title, ratio, peer)
 	rep := &profileReport{row: row, peer: peer, ratio: ratio}
 	dir := filepath.Join(workDir, "profile")
@@ -107,14 +140,16 @@ func profileWorst(ctx context.Context, res *results, out string) (*profileReport
 	if err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
 	_, ferr := runFio(ctx, job, target...)
+	rep.wall = time.Since(t0)
 	perf.stop()
 	if ferr != nil {
 		return nil, ferr
 	}
 	rep.command = shellJoin(append(append(job.args(), target...), "# perf record -F 999 -g -p PID"))
 	rep.command = strings.ReplaceAll(rep.command, workDir, "$WORK")
-	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, "profile.txt"))
+	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, file))
 }
 
 // profileConvert runs sparsedisk convert once under perf record (the
@@ -140,10 +175,11 @@ func profileConvert(ctx context.Context, res *results, out string) (*profileRepo
 	fmt.Fprintf(os.Stderr, "harness: == profile: %s\n", row.title)
 	data := filepath.Join(dir, "perf.data")
 	args := convertArgs(tSDConv, src, filepath.Join(dir, "dst.img"))
+	t0 := time.Now()
 	if _, err := run(ctx, append([]string{"perf", "record", "-F", "999", "-g", "-o", data, "--"}, args...)...); err != nil {
 		return nil, err
 	}
-	rep := &profileReport{row: row, peer: tQemuImg, ratio: res.ratio(row, tQemuImg)}
+	rep := &profileReport{row: row, peer: tQemuImg, ratio: res.ratio(row, tQemuImg), wall: time.Since(t0)}
 	rep.command = strings.ReplaceAll(shellJoin(append([]string{"perf", "record", "-F", "999", "-g", "--"}, args...)), workDir, "$WORK")
 	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, "profile-convert.txt"))
 }
@@ -178,6 +214,12 @@ func analyzePerf(ctx context.Context, rep *profileReport, data, txtPath string) 
 	}
 	if m := regexp.MustCompile(`# Samples: (\S+)`).FindStringSubmatch(string(self)); m != nil {
 		rep.samples = m[1]
+	}
+	// cpu-clock counts nanoseconds of CPU time.
+	if m := regexp.MustCompile(`# Event count \(approx\.\): (\d+)`).FindStringSubmatch(string(self)); m != nil {
+		if n, err := strconv.ParseFloat(m[1], 64); err == nil {
+			rep.cpu = time.Duration(n)
+		}
 	}
 	rep.file = filepath.Base(txtPath)
 	return nil
@@ -217,8 +259,12 @@ func categorize(sym string) string {
 			return "kernel: FUSE"
 		case strings.Contains(k, "ext4") || strings.Contains(k, "jbd2") || strings.Contains(k, "filemap") || strings.Contains(k, "folio") || strings.Contains(k, "page"):
 			return "kernel: file system and page cache"
+		case strings.HasPrefix(k, "_raw_spin_unlock_irq"):
+			// In a VM, cpu-clock samples taken with interrupts off land
+			// where they are turned back on: mostly wake-ups.
+			return "kernel: scheduling and wake-ups"
 		case strings.Contains(k, "futex") || strings.Contains(k, "schedule") || strings.Contains(k, "switch") || strings.Contains(k, "wake") || strings.Contains(k, "epoll"):
-			return "kernel: scheduling, futex, epoll"
+			return "kernel: scheduling and wake-ups"
 		case strings.Contains(k, "syscall") || strings.Contains(k, "entry_") || strings.Contains(k, "sysret"):
 			return "kernel: syscall entry/exit"
 		}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math"
 	"os"
@@ -89,7 +90,7 @@ func machine(ctx context.Context) string {
 	return b.String()
 }
 
-func renderMarkdown(ctx context.Context, res *results, prof, convProf *profileReport, failures []string, elapsed time.Duration) string {
+func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, convProf *profileReport, failures []string, elapsed time.Duration) string {
 	var b strings.Builder
 	mode := "full run"
 	if cfg.quick {
@@ -161,7 +162,7 @@ func renderMarkdown(ctx context.Context, res *results, prof, convProf *profileRe
 		case g.met:
 			met++
 		default:
-			status = fmt.Sprintf("**missed by %.0f%%**", (1-g.ratio/g.goal.min)*100)
+			status = fmt.Sprintf("**missed by %.1f%%**", (1-g.ratio/g.goal.min)*100)
 			missed = append(missed, g)
 		}
 		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s |\n", g.goal.what, g.row.title, fmtRatio(g.ratio), g.goal.min, status)
@@ -171,12 +172,36 @@ func renderMarkdown(ctx context.Context, res *results, prof, convProf *profileRe
 		sort.SliceStable(missed, func(i, j int) bool { return missed[i].ratio/missed[i].goal.min < missed[j].ratio/missed[j].goal.min })
 		fmt.Fprintf(&b, " Missed, worst first:\n\n")
 		for _, g := range missed {
-			fmt.Fprintf(&b, "- %s: %s — %s needed, got %s.\n", g.row.title, g.goal.what, fmtRatio(g.goal.min), fmtRatio(g.ratio))
+			why := ""
+			switch {
+			case math.IsNaN(g.ratio):
+				why = " (no data: see Failures)"
+			case g.row.job != nil:
+				why = " Why: see this row's profile below."
+			case g.row.id == "space":
+				why = " Why: the LUT, see the note below."
+			}
+			fmt.Fprintf(&b, "- %s: %s — %s needed, got %s.%s\n", g.row.title, g.goal.what, fmtRatio(g.goal.min), fmtRatio(g.ratio), why)
 		}
 	}
 	fmt.Fprintf(&b, "\n\n")
 
-	fmt.Fprintf(&b, "## Profile of the worst row\n\n%s\n", renderProfile(prof, true))
+	if lut := medianOf(res.lutMiB); !math.IsNaN(lut) {
+		sd, q := res.median("space", tSD), res.median("space", tQcow)
+		fmt.Fprintf(&b, "Space: of sparsedisk's %.1f MiB, %.1f MiB is the LUT (one 4-byte entry per 4 KiB sector of the 20 GiB disk, written in full with 0xFFFFFFFF at create, so it cannot be a hole); data and descriptor take %.1f MiB against qcow2's %.1f MiB in total.\n\n",
+			sd, lut, sd-lut, q)
+	}
+
+	for i, p := range profs {
+		if i == 0 {
+			fmt.Fprintf(&b, "## Profile of the worst row\n\n%s\n", renderProfile(p, true))
+			continue
+		}
+		if i == 1 {
+			fmt.Fprintf(&b, "## Profiles of the other rows that miss a target\n\n")
+		}
+		fmt.Fprintf(&b, "### %s\n\n%s\n", p.row.title, renderProfile(p, true))
+	}
 	if convProf != nil {
 		fmt.Fprintf(&b, "## Profile of sparsedisk convert\n\n%s\n", renderProfile(convProf, false))
 	}
@@ -202,6 +227,20 @@ func renderMarkdown(ctx context.Context, res *results, prof, convProf *profileRe
 		cfg.seqSize, cfg.randFUSE)
 	fmt.Fprintf(&b, "- Convert (7): a %s raw file with 10%% of its 64 KiB blocks (chosen at random) holding random data; wall time of each converter and bytes of its output on disk.\n\n",
 		gib(cfg.convertSize))
+
+	fmt.Fprintf(&b, "## Every sample\n\nIn run order (the medians above come from these; `results.json` holds the same):\n\n| row | target | samples |\n|---|---|---|\n")
+	for _, r := range rowDefs {
+		for _, t := range r.targets {
+			var vs []string
+			for _, v := range res.allSamples(r.id, t) {
+				vs = append(vs, fmtVal(v, r.unit))
+			}
+			if len(vs) > 0 {
+				fmt.Fprintf(&b, "| %s | %s | %s |\n", r.title, t, strings.Join(vs, ", "))
+			}
+		}
+	}
+	fmt.Fprintf(&b, "\n")
 
 	fmt.Fprintf(&b, "## Commands run\n\nEvery distinct command line, in order (`$WORK` is the scratch directory, `$PORT` a free loopback port picked per server):\n\n```\n")
 	cmdLogMu.Lock()
@@ -232,7 +271,7 @@ func renderProfile(p *profileReport, worst bool) string {
 	}
 	var b strings.Builder
 	if worst {
-		fmt.Fprintf(&b, "Worst row relative to its target: **%s** (%s vs %s). It was run again for sparsedisk alone with `perf record -F 999 -g` attached to the serving process (%s samples):\n\n",
+		fmt.Fprintf(&b, "Row **%s** (%s vs %s). It was run again for sparsedisk alone with `perf record -F 999 -g` attached to the serving process (%s samples):\n\n",
 			p.row.title, fmtRatio(p.ratio), p.peer, p.samples)
 	} else {
 		fmt.Fprintf(&b, "The convert row has no target in the issue, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
@@ -287,41 +326,64 @@ func profileVerdict(p *profileReport) string {
 			sched = v
 		}
 	}
+	self := func(subs ...string) float64 {
+		var t float64
+		for _, s := range p.selfTop {
+			for _, sub := range subs {
+				if strings.Contains(s.sym, sub) {
+					t += s.pct
+					break
+				}
+			}
+		}
+		return t
+	}
+	cum := func(sub string) float64 {
+		for _, s := range p.ours {
+			if strings.Contains(s.sym, sub) {
+				return s.pct
+			}
+		}
+		return 0
+	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "Finding: %.0f%% of the sparsedisk process's samples are in the kernel (system calls, data copies, sockets/FUSE), %.0f%% in Go allocation and GC, %.0f%% in the Go scheduler and the rest of the runtime, and %.0f%% in sparsedisk's own code (self time).",
-		kernel, gc, sched, ours)
-	top, topV := "", 0.0
-	for k, v := range p.category {
-		if v > topV {
-			top, topV = k, v
+	fmt.Fprintf(&b, "Findings (derived from the samples above):")
+	if p.wall > 0 && p.cpu > 0 {
+		u := p.cpu.Seconds() / p.wall.Seconds()
+		fmt.Fprintf(&b, " the process used %.2f s of CPU in %.2f s of wall time (%.0f%% of one CPU)", p.cpu.Seconds(), p.wall.Seconds(), u*100)
+		switch {
+		case u < 0.6 && p.row.job == nil:
+			fmt.Fprintf(&b, " — it mostly waits (for reads, writes and syncs to complete, for a CPU on this shared host), not computes;")
+		case u < 0.6:
+			fmt.Fprintf(&b, " — it mostly waits (for the client's next request, for the disk, for a CPU on this shared host), so latency per request, not CPU, limits the row;")
+		default:
+			fmt.Fprintf(&b, " — it is CPU-bound;")
 		}
 	}
-	fmt.Fprintf(&b, " The largest bucket is %q (%.0f%%)", top, topV)
-	if len(p.selfTop) > 0 {
-		fmt.Fprintf(&b, "; the hottest symbol is `%s` (%.0f%%)", p.selfTop[0].sym, p.selfTop[0].pct)
+	fmt.Fprintf(&b, " %.0f%% of the samples are in the kernel, %.0f%% in the Go scheduler and runtime, %.0f%% in allocation and GC, %.0f%% in sparsedisk's own code (self time).",
+		kernel, sched, gc, ours)
+	if c := p.category["kernel: copying and zeroing memory"]; c >= 20 {
+		fmt.Fprintf(&b, " %.0f%% is the kernel copying data (`_copy_to_iter`: page cache → user buffer on pread; `_copy_from_iter`: user buffer → socket on send) — the same copies every user-space server makes, so they set the floor rather than explain a gap.", c)
 	}
-	// The deepest sparsedisk frame that still holds most of the time.
-	var deep symShare
-	for _, s := range p.ours {
-		if s.pct >= 0.5*p.ours[0].pct {
-			deep = s
-		}
+	if sw := self("finish_task_switch", "_raw_spin_unlock_irq"); sw >= 15 && p.row.job == nil {
+		fmt.Fprintf(&b, " %.0f%% is threads being switched out and woken (`finish_task_switch`, wake-up spinlocks) between the parallel copiers and I/O completions.", sw)
+	} else if sw >= 15 {
+		fmt.Fprintf(&b, " %.0f%% is threads being switched out and woken (`finish_task_switch`, wake-up spinlocks): every request crosses threads (request reader → worker goroutine → reply writer, and the client), and on 2 shared CPUs each hand-off is a context switch that a single-threaded request loop would not pay.", sw)
 	}
-	if deep.sym != "" {
-		fmt.Fprintf(&b, ", reached through `%s` (%.0f%% cumulative)", deep.sym, deep.pct)
+	if z := self("memset", "clear_page", "__filemap_add_folio", "page_cache_ra", "memcg"); z >= 8 {
+		fmt.Fprintf(&b, " %.0f%% is the kernel allocating zero-filled page-cache pages (`memset`, `__filemap_add_folio`, read-ahead, memcg charging): holes of the input are read rather than skipped with SEEK_DATA/SEEK_HOLE.", z)
 	}
-	fmt.Fprintf(&b, ".")
-	switch {
-	case gc >= 10:
+	if s := cum(".send"); s >= 30 {
+		fmt.Fprintf(&b, " The NBD reply path (`nbd.(*transmission).send`, writing to the socket) holds %.0f%% cumulative.", s)
+	}
+	if r := cum("blockif.(*Disk).ReadAt"); r >= 10 {
+		fmt.Fprintf(&b, " The engine's read (`blockif.(*Disk).ReadAt`, almost all of it the pread) holds %.0f%% cumulative.", r)
+	}
+	if gc >= 10 {
 		fmt.Fprintf(&b, " Allocation and GC are a visible share: per-request buffers are the first thing to pool.")
-	case ours >= 15:
-		fmt.Fprintf(&b, " sparsedisk's own code is a visible share: the cumulative table names the hot function.")
-	case strings.HasPrefix(top, "kernel: copying"):
-		fmt.Fprintf(&b, " The CPU goes to the kernel copying data between user buffers and the page cache or socket: work every peer does too, so the gap to the peer is not CPU spent in sparsedisk but how the copies are issued (sizes, number of system calls, waits between them).")
-	case sched >= 15 || strings.Contains(top, "scheduling"):
-		fmt.Fprintf(&b, " Much of the time is waking and switching threads per request (hand-offs between goroutines and the kernel), not the engine's own work.")
-	default:
-		fmt.Fprintf(&b, " The process spends little time in its own code: the gap is in the number of system calls and context switches per request, not in computation.")
+	}
+	if ours < 5 {
+		fmt.Fprintf(&b, " sparsedisk's own computation (LUT lookups, locks, zero checks) is under 5%%: it is not the bottleneck.")
 	}
 	return b.String()
 }
@@ -342,4 +404,31 @@ func renderSummary(res *results) string {
 		}
 	}
 	return b.String()
+}
+
+// writeJSON saves every sample, so the numbers behind RESULTS.md can be
+// checked or re-plotted without running again.
+func writeJSON(res *results, path string) error {
+	type cell struct {
+		Row     string    `json:"row"`
+		Title   string    `json:"title"`
+		Unit    string    `json:"unit"`
+		Target  string    `json:"target"`
+		Samples []float64 `json:"samples"`
+		Median  float64   `json:"median"`
+	}
+	var cells []cell
+	for _, r := range rowDefs {
+		for _, t := range r.targets {
+			if s := res.allSamples(r.id, t); len(s) > 0 {
+				cells = append(cells, cell{r.id, r.title, r.unit, t, s, medianOf(s)})
+			}
+		}
+	}
+	doc := map[string]any{"date": time.Now().UTC().Format(time.RFC3339), "quick": cfg.quick, "repetitions": cfg.reps, "cells": cells, "lut_mib": res.lutMiB}
+	data, err := json.MarshalIndent(doc, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(data, '\n'), 0o644)
 }

@@ -59,9 +59,9 @@ func defineRows() {
 	seq, rnd := nbdJobs()
 	rowDefs = []*rowDef{
 		{id: "nbd-seqwrite", group: "1 NBD", title: "seq write 1M (alloc)", unit: unitMiBps, higherBetter: true, targets: nbdT, goals: nbdSeqGoals, job: &seq[0]},
-		{id: "nbd-seqread", group: "2 NBD", title: "seq read 1M", unit: unitMiBps, higherBetter: true, targets: nbdT, goals: nbdSeqGoals, job: &seq[1]},
-		{id: "nbd-randwrite", group: "3 NBD", title: "rand write 4K qd16", unit: unitIOPS, higherBetter: true, targets: nbdT, goals: nbdRandGoals, job: &rnd[0]},
-		{id: "nbd-randread", group: "3 NBD", title: "rand read 4K qd16", unit: unitIOPS, higherBetter: true, targets: nbdT, goals: nbdRandGoals, job: &rnd[1]},
+		{id: "nbd-seqread", group: "1 NBD", title: "seq read 1M", unit: unitMiBps, higherBetter: true, targets: nbdT, goals: nbdSeqGoals, job: &seq[1]},
+		{id: "nbd-randwrite", group: "1 NBD", title: "rand write 4K qd16", unit: unitIOPS, higherBetter: true, targets: nbdT, goals: nbdRandGoals, job: &rnd[0]},
+		{id: "nbd-randread", group: "1 NBD", title: "rand read 4K qd16", unit: unitIOPS, higherBetter: true, targets: nbdT, goals: nbdRandGoals, job: &rnd[1]},
 		{id: "nbdcopy", group: "4 nbdcopy", title: fmt.Sprintf("nbdcopy %s (%s data) to null:", gib(cfg.copyDisk), mib(cfg.copyData)), unit: unitSec,
 			targets: nbdT, goals: []goal{{tQcow, 1 / 1.5, "within 1.5× of qemu-nbd (qcow2)"}, {tQraw, 1 / 1.5, "within 1.5× of qemu-nbd (raw)"}}},
 		{id: "space", group: "5 space", title: fmt.Sprintf("space: ext4 on 20 GiB + %d MiB files", cfg.spaceFiles*16), unit: unitMiB,
@@ -110,6 +110,8 @@ func rowByID(id string) *rowDef {
 type results struct {
 	mu      sync.Mutex
 	samples map[string]map[string][]float64
+	// lutMiB: the sparsedisk LUT's share of the space row, per repetition.
+	lutMiB []float64
 }
 
 func newResults() *results {
@@ -178,4 +180,23 @@ func (r *results) goals() []goalStatus {
 		}
 	}
 	return out
+}
+
+// allSamples lists every sample of a row and target, in run order.
+func (r *results) allSamples(row, target string) []float64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.samples[row][target])
+}
+
+func medianOf(s []float64) float64 {
+	if len(s) == 0 {
+		return math.NaN()
+	}
+	s = slices.Clone(s)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }

@@ -286,6 +286,13 @@ func benchSpace(ctx context.Context, res *results) error {
 					return err
 				}
 				res.add("space", t, float64(n)/(1<<20))
+				if t == tSD {
+					if l, err := onDisk(img + ".lut"); err == nil {
+						res.mu.Lock()
+						res.lutMiB = append(res.lutMiB, float64(l)/(1<<20))
+						res.mu.Unlock()
+					}
+				}
 				progress("rep %d %-16s space %10.1f MiB", rep+1, t, float64(n)/(1<<20))
 				return nil
 			}()
