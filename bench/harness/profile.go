@@ -269,9 +269,13 @@ func categorize(sym string) string {
 			return "kernel: syscall entry/exit"
 		}
 		return "kernel: other"
+	case sym == "memeqbody" || strings.HasPrefix(sym, "bytes.") || strings.HasPrefix(sym, "internal/bytealg"):
+		return "Go: comparing bytes (zero checks)"
+	case strings.HasPrefix(sym, "runtime.memclr"):
+		return "Go: clearing buffers (memclr)"
 	case strings.HasPrefix(sym, "runtime.mallocgc") || strings.HasPrefix(sym, "runtime.gc") || strings.HasPrefix(sym, "runtime.scan") ||
 		strings.HasPrefix(sym, "runtime.mark") || strings.HasPrefix(sym, "runtime.greyobject") || strings.HasPrefix(sym, "runtime.findObject") ||
-		strings.HasPrefix(sym, "runtime.memclr") || strings.HasPrefix(sym, "runtime.(*mspan)") || strings.HasPrefix(sym, "runtime.(*mheap)") ||
+		strings.HasPrefix(sym, "runtime.(*mspan)") || strings.HasPrefix(sym, "runtime.(*mheap)") ||
 		strings.HasPrefix(sym, "runtime.(*mcache)") || strings.HasPrefix(sym, "runtime.(*gcWork)") || strings.HasPrefix(sym, "runtime.heapBits") ||
 		strings.HasPrefix(sym, "runtime.wbBuf") || strings.HasPrefix(sym, "runtime.bgsweep") || strings.HasPrefix(sym, "runtime.sweep"):
 		return "Go: allocation and GC"

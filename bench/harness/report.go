@@ -373,6 +373,16 @@ func profileVerdict(p *profileReport) string {
 	if z := self("memset", "clear_page", "__filemap_add_folio", "page_cache_ra", "memcg"); z >= 8 {
 		fmt.Fprintf(&b, " %.0f%% is the kernel allocating zero-filled page-cache pages (`memset`, `__filemap_add_folio`, read-ahead, memcg charging): holes of the input are read rather than skipped with SEEK_DATA/SEEK_HOLE.", z)
 	}
+	if fsw := self("ext4_block_write_begin", "rwsem_spin_on_owner", "ext4_da_", "block_commit_write"); fsw >= 20 {
+		fmt.Fprintf(&b, " %.0f%% is ext4's buffered-write path (`ext4_block_write_begin`", fsw)
+		if self("rwsem_spin_on_owner") >= 1 {
+			fmt.Fprintf(&b, ", and `rwsem_spin_on_owner`: several writers waiting for one file's inode lock, which ext4 holds exclusively for each buffered write, so parallel 4 KiB writes to one segment file serialize")
+		}
+		fmt.Fprintf(&b, ").")
+	}
+	if z := self("memeqbody", "runtime.memclr"); z >= 10 {
+		fmt.Fprintf(&b, " %.0f%% is clearing buffers (`runtime.memclrNoHeapPointers`) and comparing them with zeros (`memeqbody`) in user space.", z)
+	}
 	if s := cum(".send"); s >= 30 {
 		fmt.Fprintf(&b, " The NBD reply path (`nbd.(*transmission).send`, writing to the socket) holds %.0f%% cumulative.", s)
 	}
