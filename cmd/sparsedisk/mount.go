@@ -13,6 +13,7 @@ import (
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/fusefs"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 )
 
 func init() {
@@ -55,12 +56,8 @@ func mountAction(c *cli.Context) error {
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
 
 	// Check what we can before opening the image, which marks it dirty.
-	if st, err := os.Stat(dir); errors.Is(err, syscall.ENOTCONN) {
-		return fmt.Errorf("mount point %s is a stale FUSE mount (its process died); run `sparsedisk umount %s` first: %w", dir, dir, err)
-	} else if err != nil {
-		return fmt.Errorf("mount point %s: %w", dir, err)
-	} else if !st.IsDir() {
-		return fmt.Errorf("mount point %s is not a directory", dir)
+	if err := checkMountPoint(dir); err != nil {
+		return err
 	}
 	if f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {
 		return fmt.Errorf("no FUSE on this system (%w); load the fuse module or give the container /dev/fuse", err)
@@ -170,4 +167,32 @@ func positional(c *cli.Context) ([]string, error) {
 		}
 	}
 	return pos, nil
+}
+
+// checkMountPoint refuses a mount point that is missing, not a directory,
+// or already carries a FUSE mount. A FUSE mount whose process died is
+// named stale. os.Stat alone cannot tell: the kernel may answer it from
+// the directory's cached attributes for a while after the daemon died,
+// whereas statfs always reaches the daemon (ENOTCONN once it is gone).
+func checkMountPoint(dir string) error {
+	st, err := os.Stat(dir)
+	var sfs unix.Statfs_t
+	if err == nil {
+		err = unix.Statfs(dir, &sfs)
+	}
+	if errors.Is(err, syscall.ENOTCONN) {
+		return fmt.Errorf("mount point %s is a stale FUSE mount (its process died); run `sparsedisk umount %s` first: %w", dir, dir, err)
+	}
+	if err != nil {
+		return fmt.Errorf("mount point %s: %w", dir, err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("mount point %s is not a directory", dir)
+	}
+	if abs, err := filepath.Abs(dir); err == nil {
+		if src, fstype, ok := findMount(abs); ok && strings.HasPrefix(fstype, "fuse") {
+			return fmt.Errorf("mount point %s already has a FUSE file system mounted (%s from %s); unmount it first", dir, fstype, src)
+		}
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -62,6 +63,19 @@ func binary(t *testing.T) string {
 		t.Fatalf("go build: %v", binErr)
 	}
 	return binPath
+}
+
+// runBinary runs the built command with a deadline and returns its
+// combined output; an exit past the deadline is an error that says so.
+func runBinary(t *testing.T, limit time.Duration, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, binary(t), args...).CombinedOutput()
+	if ctx.Err() != nil {
+		return string(out), fmt.Errorf("still running after %v: %w", limit, ctx.Err())
+	}
+	return string(out), err
 }
 
 func TestMain(m *testing.M) {
@@ -233,11 +247,14 @@ func TestMountUmountCommand(t *testing.T) {
 	// child with a deadline, so a regression fails instead of hanging.
 	second := t.TempDir()
 	t.Cleanup(func() { unix.Unmount(second, unix.MNT_DETACH) })
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, binary(t), "mount", image, second).CombinedOutput()
-	if err == nil || ctx.Err() != nil || !strings.Contains(string(out), "in use") {
-		t.Errorf("second mount: %v (deadline: %v), %q", err, ctx.Err(), out)
+	if out, err := runBinary(t, 10*time.Second, "mount", image, second); err == nil || !strings.Contains(out, "in use") {
+		t.Errorf("second mount: %v, %q", err, out)
+	}
+	// A mount point that already carries a live FUSE mount is refused
+	// too, instead of stacking a second mount on it.
+	other := testImage(t)
+	if out, err := runBinary(t, 10*time.Second, "mount", other, p.dir); err == nil || !strings.Contains(out, "already has a FUSE") {
+		t.Errorf("mount over a live mount: %v, %q", err, out)
 	}
 
 	if _, errOut, code := sdRun(t, "umount", p.dir); code != 0 {
@@ -361,9 +378,11 @@ func TestMountKill9(t *testing.T) {
 	p.cmd.Process.Kill()
 	p.wait(t)
 	f.Close()
-	// The dead mount is stale: mount refuses it clearly, umount clears it.
-	if _, errOut, code := sdRun(t, "mount", image, p.dir); code == 0 || !strings.Contains(errOut, "stale") {
-		t.Errorf("mount on a stale mount point: exit %d %q", code, errOut)
+	// The dead mount is stale: mount refuses it clearly (run as a child
+	// with a deadline: a mount that wrongly succeeds would block), umount
+	// clears it.
+	if out, err := runBinary(t, 10*time.Second, "mount", image, p.dir); err == nil || !strings.Contains(out, "stale") {
+		t.Errorf("mount on a stale mount point: %v %q", err, out)
 	}
 	if _, errOut, code := sdRun(t, "umount", p.dir); code != 0 {
 		t.Errorf("umount of a stale mount: exit %d %q", code, errOut)
