@@ -6,6 +6,10 @@ DEMO    ?= demo.img
 # Tests run with the race detector; the suite stays well under 20 minutes
 # on 2 cores.
 TESTFLAGS ?= -race -timeout 25m
+# Each fuzz target runs this long at the end of `make test`; `make fuzz`
+# runs them for FUZZTIME each.
+CI_FUZZTIME ?= 8s
+FUZZTIME    ?= 60s
 
 .PHONY: all deps build test check bench bench-quick run crashtest fuzz soak clean
 
@@ -20,6 +24,7 @@ build:
 ## test: install peers, then every test (unit, model, crash, peers, FUSE) with -race
 test: deps
 	$(GO) test $(TESTFLAGS) ./... 2>&1 | tee /tmp/sparsedisk-test.log; exit $${PIPESTATUS[0]}
+	@FUZZTIME=$(CI_FUZZTIME) ./scripts/fuzz.sh
 
 ## check: formatting, vet, tidy modules
 check:
@@ -43,14 +48,18 @@ run: build
 	./$(BIN) info $(DEMO)
 	@if ./$(BIN) serve --help >/dev/null 2>&1; then ./$(BIN) serve $(DEMO); else echo "(the NBD server is not built yet)"; fi
 
-## crashtest: the long crash simulation
-crashtest:
+## crashtest: the long crash simulation (engine, 20000 rounds) and the process-kill harness (50 rounds over NBD and FUSE)
+crashtest: deps
 	SPARSEDISK_CRASH_ROUNDS=20000 $(GO) test -run 'TestCrash' -v -timeout 60m ./blockif/
+	SPARSEDISK_KILL_ROUNDS=50 $(GO) test -run 'TestKillCrash' -v -timeout 60m ./cmd/sparsedisk/
 
-## fuzz: each fuzz target for a while
+## soak: 16 connections of verified mixed I/O for 60 s against `sparsedisk serve` (a 10 s version runs in make test)
+soak: deps
+	SPARSEDISK_SOAK=60s $(GO) test -run 'TestSoak' -v -timeout 30m ./cmd/sparsedisk/
+
+## fuzz: each fuzz target for FUZZTIME (a short run ends make test)
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParseDescriptor -fuzztime 60s ./blockif/
-	$(GO) test -run '^$$' -fuzz FuzzOpenLUT -fuzztime 60s ./blockif/
+	@FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh
 
 clean:
 	rm -rf bin

@@ -2,8 +2,8 @@ package blockif
 
 import (
 	"bytes"
-	"math/rand/v2"
 	"errors"
+	"math/rand/v2"
 	"strings"
 	"syscall"
 	"testing"
