@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/urfave/cli/v2"
 )
@@ -35,7 +36,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 
 // run executes the app and returns the process exit code.
 func run(args []string, stdout, stderr io.Writer) int {
-	err := newApp(stdout, stderr).Run(args)
+	err := newApp(stdout, stderr).Run(flagsFirst(args))
 	if err == nil {
 		return 0
 	}
@@ -44,6 +45,54 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return ec.ExitCode()
 	}
 	return 1
+}
+
+// flagsFirst lets flags follow positional arguments, as users type them
+// (`serve disk.img --listen :10810`): urfave/cli stops parsing flags at a
+// command's first positional argument, so this moves the subcommand's
+// known flags, with their values, ahead of its positional arguments.
+// Anything else keeps its place, including words that merely start with
+// a dash (`resize disk.img -1G`) and everything after "--".
+func flagsFirst(args []string) []string {
+	if len(args) < 3 {
+		return args
+	}
+	var cmd *cli.Command
+	for _, c := range commands {
+		if c.HasName(args[1]) {
+			cmd = c
+		}
+	}
+	if cmd == nil {
+		return args
+	}
+	known := map[string]cli.Flag{"help": cli.HelpFlag, "h": cli.HelpFlag}
+	for _, f := range cmd.Flags {
+		for _, n := range f.Names() {
+			known[n] = f
+		}
+	}
+	flags, pos := []string{}, []string{}
+	rest := args[2:]
+	for i := 0; i < len(rest); i++ {
+		a := rest[i]
+		if a == "--" {
+			pos = append(pos, rest[i:]...)
+			break
+		}
+		name, _, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		f, ok := known[name]
+		if len(a) < 2 || a[0] != '-' || !ok {
+			pos = append(pos, a)
+			continue
+		}
+		flags = append(flags, a)
+		if _, isBool := f.(*cli.BoolFlag); !isBool && !hasVal && i+1 < len(rest) {
+			i++
+			flags = append(flags, rest[i])
+		}
+	}
+	return append(append(append([]string{}, args[:2]...), flags...), pos...)
 }
 
 func main() { os.Exit(run(os.Args, os.Stdout, os.Stderr)) }

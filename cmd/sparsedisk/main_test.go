@@ -54,3 +54,28 @@ func TestHelpTeaches(t *testing.T) {
 		t.Errorf("create --help has no example:\n%s", out)
 	}
 }
+
+func TestFlagsFirst(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"sparsedisk serve a.img --listen :1 b.img", "sparsedisk serve --listen :1 a.img b.img"},
+		{"sparsedisk serve a.img --listen=:1 --read-only", "sparsedisk serve --listen=:1 --read-only a.img"},
+		{"sparsedisk resize a.img -1G --shrink", "sparsedisk resize --shrink a.img -1G"},
+		{"sparsedisk info a.img -- --output=json", "sparsedisk info a.img -- --output=json"},
+		{"sparsedisk info a.img --help", "sparsedisk info --help a.img"},
+		{"sparsedisk nosuchcommand a --b", "sparsedisk nosuchcommand a --b"},
+		{"sparsedisk", "sparsedisk"},
+	} {
+		if got := strings.Join(flagsFirst(strings.Fields(tc.in)), " "); got != tc.want {
+			t.Errorf("flagsFirst(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+	// End to end: a flag after the image is applied, not taken as a path.
+	img := filepath.Join(t.TempDir(), "d.img")
+	if _, errOut, code := sdRun(t, "create", img, "size=1M", "split=1M"); code != 0 {
+		t.Fatal(errOut)
+	}
+	out, errOut, code := sdRun(t, "info", img, "--output=json")
+	if code != 0 || !strings.HasPrefix(strings.TrimSpace(out), "{") {
+		t.Errorf("info IMAGE --output=json: exit %d, %q %q", code, out, errOut)
+	}
+}
