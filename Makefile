@@ -34,12 +34,14 @@ check:
 	 if ! cmp -s go.mod /tmp/go.mod.check || ! cmp -s go.sum /tmp/go.sum.check; then echo "go mod tidy changed go.mod/go.sum"; exit 1; fi
 
 ## bench: end-to-end comparison with peers (writes bench/RESULTS.md, bench/results.png), then the engine micro-benchmarks
-bench: deps build
+bench: build
+	@./scripts/deps.sh bench
 	$(GO) run ./bench/harness -bin $(BIN) -out bench
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./blockif/ ./bench/...
 
 ## bench-quick: a ~2 minute smoke run of the harness (results in /tmp/sparsedisk-bench-quick)
-bench-quick: deps build
+bench-quick: build
+	@./scripts/deps.sh bench
 	$(GO) run ./bench/harness -quick -bin $(BIN) -out /tmp/sparsedisk-bench-quick
 
 ## run: build, create demo.img (20G, split 1G, 4 KiB sectors) if missing, serve it over NBD

@@ -97,8 +97,12 @@ func toolEnv() []string {
 			out = append(out, e)
 		}
 	}
-	return append(out, "PATH="+path)
+	return append(append(out, "PATH="+path), extraEnv...)
 }
+
+// extraEnv is added to the environment of the next commands started; the
+// profiler sets it around the start of the server it profiles.
+var extraEnv []string
 
 // run runs a command to completion and returns its stdout; stderr goes
 // into the error when it fails.

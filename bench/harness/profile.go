@@ -39,6 +39,7 @@ type profileReport struct {
 	wall     time.Duration // how long the profiled run took
 	cpu      time.Duration // CPU time perf sampled in the process
 	err      string
+	pprofTop string // `go tool pprof -top` of the same run: Go's own view
 }
 
 func worstRow(res *results) (*rowDef, string, float64) {
@@ -112,14 +113,20 @@ func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, ou
 	fuse := strings.HasPrefix(row.id, "fuse-")
 	var pid int
 	var target []string
+	// The server also writes a Go CPU profile (pprof) of its whole life,
+	// fill included, when it is stopped cleanly by the teardown below.
+	pprofPath := filepath.Join(dir, "cpu.pprof")
+	extraEnv = []string{"SPARSEDISK_CPUPROFILE=" + pprofPath}
 	if fuse {
 		ff, err := mountFUSE(tSD, img, dir)
+		extraEnv = nil
 		if err != nil {
 			return nil, err
 		}
 		pid, target = ff.pid, []string{"--ioengine=" + job.engine, "--filename=" + ff.path}
 	} else {
 		srv, err := serveNBD(tSD, img)
+		extraEnv = nil
 		if err != nil {
 			return nil, err
 		}
@@ -149,7 +156,22 @@ func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, ou
 	}
 	rep.command = shellJoin(append(append(job.args(), target...), "# perf record -F 999 -g -p PID"))
 	rep.command = strings.ReplaceAll(rep.command, workDir, "$WORK")
+	teardown() // stops the server cleanly, which writes its pprof profile
+	rep.pprofTop = pprofTop(ctx, pprofPath)
 	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, file))
+}
+
+// pprofTop renders the Go CPU profile the profiled server wrote, or says
+// why there is none.
+func pprofTop(ctx context.Context, path string) string {
+	if _, err := os.Stat(path); err != nil {
+		return "(no Go profile: " + err.Error() + ")"
+	}
+	out, err := run(ctx, "go", "tool", "pprof", "-top", "-nodecount=20", binPath, path)
+	if err != nil {
+		return "(go tool pprof failed: " + err.Error() + ")"
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // profileConvert runs sparsedisk convert once under perf record (the
@@ -198,6 +220,9 @@ func analyzePerf(ctx context.Context, rep *profileReport, data, txtPath string) 
 	callers, _ := run(ctx, "perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "sym", "-g", "caller,0.5,callee,function,percent", "--percent-limit", "2")
 	txt := fmt.Sprintf("# perf profile of sparsedisk on %q (ratio %.2f× %s)\n# %s\n\n## self time\n%s\n## with children (cumulative)\n%s\n## call chains of the top symbols\n%s",
 		row.title, ratio, peer, rep.command, self, children, callers)
+	if rep.pprofTop != "" {
+		txt += "\n## Go CPU profile of the same server (go tool pprof -top)\n" + rep.pprofTop + "\n"
+	}
 	if err := os.WriteFile(txtPath, []byte(txt), 0o644); err != nil {
 		return err
 	}

@@ -307,6 +307,9 @@ func renderProfile(p *profileReport, worst bool) string {
 			fmt.Fprintf(&b, "| %.1f%% | `%s` |\n", s.pct, s.sym)
 		}
 	}
+	if p.pprofTop != "" {
+		fmt.Fprintf(&b, "\nThe same server's Go CPU profile (`SPARSEDISK_CPUPROFILE`, then `go tool pprof -top`; Go code and the syscalls it makes, not the kernel's side):\n\n```\n%s\n```\n", pprofHead(p.pprofTop, 16))
+	}
 	fmt.Fprintf(&b, "\n%s Full report with call chains: `%s`.\n", profileVerdict(p), p.file)
 	return b.String()
 }
@@ -441,4 +444,13 @@ func writeJSON(res *results, path string) error {
 		return err
 	}
 	return os.WriteFile(path, append(data, '\n'), 0o644)
+}
+
+// pprofHead keeps the first n lines of a pprof listing.
+func pprofHead(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -95,4 +96,27 @@ func flagsFirst(args []string) []string {
 	return append(append(append([]string{}, args[:2]...), flags...), pos...)
 }
 
-func main() { os.Exit(run(os.Args, os.Stdout, os.Stderr)) }
+// cpuProfileEnv names a file to write a Go CPU profile (pprof format) of
+// the whole run into, for any subcommand: the benchmark harness sets it
+// on the server it profiles (`go tool pprof -top sparsedisk FILE`). The
+// profile is written when the command returns, so a server must be
+// stopped cleanly (SIGTERM, umount), not killed.
+const cpuProfileEnv = "SPARSEDISK_CPUPROFILE"
+
+func main() {
+	if path := os.Getenv(cpuProfileEnv); path != "" {
+		f, err := os.Create(path)
+		if err == nil {
+			err = pprof.StartCPUProfile(f)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "sparsedisk: %s: %v\n", cpuProfileEnv, err)
+			os.Exit(1)
+		}
+		code := run(os.Args, os.Stdout, os.Stderr)
+		pprof.StopCPUProfile()
+		f.Close()
+		os.Exit(code)
+	}
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
