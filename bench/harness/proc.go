@@ -299,3 +299,27 @@ func teardown() {
 func warnf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "harness: warning: "+format+"\n", args...)
 }
+
+// settleNote explains settle in RESULTS.md.
+const settleNote = "Before each target's NBD and FUSE runs the harness syncs, drops the page cache and waits " +
+	"3 s (`settle`), so every target starts from the same memory state. These machines are VMs whose " +
+	"balloon hands freed memory back to the host (free page reporting), and memory the guest touches " +
+	"for the first time is slow: writing into a file whose pages come from such memory ran at " +
+	"360–500 MiB/s here, into recycled pages at over 2 GiB/s, for the same code. Without settling, " +
+	"the allocating-write rows measured mostly which target happened to inherit warm pages."
+
+// settle makes the page cache state equal for the next target: dirty
+// data written back, clean pages dropped, and time for the balloon's
+// free page reporting (2 s delay in Linux) to pass. Without root it
+// only syncs.
+func settle(ctx context.Context) {
+	_, _ = run(ctx, "sync")
+	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0); err != nil {
+		warnf("settle: %v (measurements may depend on target order)", err)
+		return
+	}
+	select {
+	case <-ctx.Done():
+	case <-time.After(3 * time.Second):
+	}
+}

@@ -102,6 +102,7 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 	fmt.Fprintf(&b, "Reproduce with `make bench` (or `go run ./bench/harness`); the chart is `results.png`, the profiles `profile.txt` and `profile-convert.txt`.\n\n")
 	fmt.Fprintf(&b, "Ratios are oriented so that **above 1 means sparsedisk is better**: throughput and IOPS are sparsedisk ÷ peer, times and bytes on disk are peer ÷ sparsedisk. ")
 	fmt.Fprintf(&b, "Every target ran on the same machine in the same run, interleaved (the order of targets rotates each repetition), so compare ratios rather than absolute numbers.\n\n")
+	fmt.Fprintf(&b, "%s\n\n", settleNote)
 
 	fmt.Fprintf(&b, "## Machine\n\n%s\n", machine(ctx))
 

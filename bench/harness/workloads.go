@@ -76,6 +76,7 @@ func benchNBD(ctx context.Context, res *results) error {
 				// Servers close their images (sparsedisk rewrites its
 				// descriptor) when stopped: stop them before deleting.
 				defer func() { teardown(); removeImage(img) }()
+				settle(ctx)
 				var srv *nbdServer
 				if t != tLocal {
 					if srv, err = serveNBD(t, img); err != nil {
@@ -349,6 +350,7 @@ func benchFUSE(ctx context.Context, res *results) error {
 				// Servers close their images (sparsedisk rewrites its
 				// descriptor) when stopped: stop them before deleting.
 				defer func() { teardown(); removeImage(img) }()
+				settle(ctx)
 				file := img
 				if t != tLocal {
 					ff, err := mountFUSE(t, img, dir)
