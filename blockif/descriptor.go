@@ -46,10 +46,10 @@ const (
 
 // Params are an image's geometry.
 type Params struct {
-	Layout     Layout
-	Size       int64 // virtual disk size in bytes
-	Split      int64 // bytes per segment (sparse, split)
-	SectorSize int64 // bytes per sector (LUT granularity)
+	Layout     Layout `json:"layout"`
+	Size       int64  `json:"size"`        // virtual disk size in bytes
+	Split      int64  `json:"split"`       // bytes per segment (sparse, split)
+	SectorSize int64  `json:"sector_size"` // bytes per sector (LUT granularity)
 }
 
 // Segments is the number of segment files the geometry needs.

@@ -46,7 +46,7 @@ func TestInfo(t *testing.T) {
 	out, _, code = sdRun(t, "info", "--output=json", path)
 	var st struct {
 		AllocatedBytes int64  `json:"allocated_bytes"`
-		Size           int64  `json:"Size"`
+		Size           int64  `json:"size"`
 		State          string `json:"state"`
 	}
 	if code != 0 || json.Unmarshal([]byte(out), &st) != nil {
@@ -54,6 +54,22 @@ func TestInfo(t *testing.T) {
 	}
 	if st.AllocatedBytes != 3*8192 || st.Size != 64<<20 || st.State != "clean" {
 		t.Errorf("json info %+v", st)
+	}
+	// Keys are snake_case throughout (json.Unmarshal above would match
+	// any case, so look at the keys themselves).
+	var keys map[string]any
+	if err := json.Unmarshal([]byte(out), &keys); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"image", "layout", "size", "split", "sector_size", "state", "segments", "allocated_bytes", "on_disk_bytes"} {
+		if _, ok := keys[k]; !ok {
+			t.Errorf("info --output=json lacks key %q: %s", k, out)
+		}
+	}
+	for k := range keys {
+		if strings.ToLower(k) != k {
+			t.Errorf("info --output=json key %q is not snake_case", k)
+		}
 	}
 	if after := imageDigest(t, path); after != before {
 		t.Error("info changed the image's bytes")
