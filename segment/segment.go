@@ -142,10 +142,15 @@ func (s *Segment) WriteAt(p []byte, off int64) error {
 	if err != nil {
 		return err
 	}
-	if _, err := f.WriteAt(p, off); err != nil {
+	_, err = f.WriteAt(p, off)
+	// A failed write may still have stored part of p (the device filled up
+	// mid-write, for one): the next Sync must cover those bytes too, or a
+	// Flush that succeeds afterwards would leave content that reads back
+	// now but reverts after a crash.
+	s.dirty.Store(true)
+	if err != nil {
 		return fmt.Errorf("write %s at offset %d: %w", s.path, off, err)
 	}
-	s.dirty.Store(true)
 	return nil
 }
 
