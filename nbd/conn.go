@@ -164,6 +164,7 @@ func (t *transmission) run() {
 		if reason != nil {
 			break
 		}
+		t.waitBacklog(cfg.MaxInFlightBytes)
 		weight = t.lim.acquire(weight)
 		if req.typ == cmdWrite {
 			payload = getBuf(int(req.length))
@@ -256,6 +257,36 @@ func (t *transmission) idleRetry(err error) bool {
 		return false
 	}
 	return t.c.inflight.Load() > 0
+}
+
+// waitBacklog holds the request reader while more than max bytes of
+// replies are queued behind a write in progress. Without it a client that
+// sends requests but does not read the replies (or reads them slowly)
+// would make the server buffer every reply until the write timeout: the
+// limiter is released once a reply is queued, not once it is written, so
+// tiny READ requests could pile up gigabytes of queued read data. The
+// writer does not signal progress, so this polls, with a backoff capped at
+// 10 ms; it only waits while the client is not keeping up. It ends when
+// the writer drains the queue, which it always does: by writing, or by
+// dropping everything once a write failed or timed out.
+func (t *transmission) waitBacklog(max int64) {
+	d := 100 * time.Microsecond
+	for t.c.out.backlog() > max {
+		time.Sleep(d)
+		d = min(2*d, 10*time.Millisecond)
+	}
+}
+
+// backlog returns the bytes of replies queued and not yet taken by the
+// writer (the batch being written is not counted).
+func (q *replyQueue) backlog() int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var n int64
+	for _, b := range q.pending {
+		n += int64(len(b))
+	}
+	return n
 }
 
 // replyQueue collects whole replies for the connection's current writer

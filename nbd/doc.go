@@ -74,11 +74,39 @@
 // a deep queue of small replies costs few system calls. Replies may leave
 // in any order, which the protocol allows.
 //
-// Idle and dead clients cannot pin resources forever: the handshake has a
-// deadline (Config.HandshakeTimeout), every reply a write deadline
-// (Config.WriteTimeout), TCP keep-alive finds vanished peers, and an
-// optional Config.IdleTimeout closes silent connections. Payloads above
-// Config.MaxPayload drop the connection rather than being buffered.
+// # Limits
+//
+// Every resource a client can make the server hold is bounded, and the
+// zero Config is already bounded:
+//
+//   - Config.MaxConnections (default 128; negative = unlimited) counts
+//     connections from accept on, handshaking or not. A connection beyond
+//     it is reset at once, before a byte is sent or any state allocated;
+//     refusals are logged at most once a second. Running out of file
+//     descriptors (EMFILE, ENFILE) makes Serve back off and retry, never
+//     return.
+//   - Config.HandshakeTimeout (default 10 s) is one absolute deadline for
+//     the whole negotiation, TLS included, so a client that trickles bytes
+//     is dropped as surely as a silent one.
+//   - Option data is buffered only as it arrives and up to 64 KiB; a longer
+//     option is skipped (until the handshake deadline) and refused with
+//     NBD_REP_ERR_TOO_BIG, an over-long export name drops the connection.
+//   - Config.MaxInFlight (default 16) requests and Config.MaxInFlightBytes
+//     (default 64 MiB) of payload execute per connection; a write payload
+//     above Config.MaxPayload drops the connection rather than being
+//     buffered. Replies queued behind a client that does not read them
+//     count too: while more than MaxInFlightBytes wait, no further request
+//     is read. A connection's buffers therefore stay within a small
+//     multiple of MaxInFlightBytes (requests executing, replies queued,
+//     the batch being written), and the server's within MaxConnections
+//     times that.
+//   - Config.WriteTimeout (default 2 min) bounds the sending of each reply,
+//     TCP keep-alive finds vanished peers, and the optional
+//     Config.IdleTimeout closes connections that send nothing.
+//
+// The hostile-client tests (hostile_test.go) check each bound with raw
+// connections sending garbage, cut handshakes, lying lengths, absurd
+// requests, floods and unread replies.
 //
 // [Server.Shutdown] stops the listeners, cuts handshakes in progress, stops
 // each transmitting connection from reading further requests, waits until

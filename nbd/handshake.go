@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"bytes"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -67,8 +68,8 @@ func (c *conn) handshake() (*export, *session, error) {
 			}
 			continue
 		}
-		data := make([]byte, n)
-		if _, err := io.ReadFull(c.rw(), data); err != nil {
+		data, err := readOptionData(c.rw(), n)
+		if err != nil {
 			return nil, nil, err
 		}
 		if n == 0 && (opt == optGo || opt == optInfo) && c.s.cfg.AcceptUnframedGo {
@@ -82,6 +83,26 @@ func (c *conn) handshake() (*export, *session, error) {
 			return e, sess, err
 		}
 	}
+}
+
+// readOptionData reads the n bytes of an option's data. Beyond a small
+// first buffer it grows as bytes arrive, so a client that announces a long
+// option and then sends nothing makes the server hold little.
+func readOptionData(r io.Reader, n uint32) ([]byte, error) {
+	const first = 4096
+	if n <= first {
+		b := make([]byte, n)
+		_, err := io.ReadFull(r, b)
+		return b, err
+	}
+	var buf bytes.Buffer
+	if _, err := io.CopyN(&buf, r, int64(n)); err != nil {
+		if err == io.EOF && buf.Len() > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return buf.Bytes(), nil
 }
 
 // option answers one option. done reports that transmission starts with

@@ -3,11 +3,13 @@ package nbd
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
@@ -97,7 +99,18 @@ func ParseTLSMode(s string) (TLSMode, error) {
 }
 
 // Defaults for the zero fields of Config.
+//
+// DefaultMaxConnections is finite so that a client flood cannot exhaust
+// file descriptors, goroutines or memory: every connection may hold up to
+// MaxInFlight worker goroutines and a small multiple of MaxInFlightBytes
+// of buffers (requests executing, replies queued for a slow reader), and
+// a connection that never finishes negotiating occupies a slot until
+// HandshakeTimeout. 128 is far above what the intended clients open (a VM
+// uses one connection, nbdcopy four, a multi-connection kernel client a
+// handful per device) and keeps the descriptors well below the usual 1024
+// soft limit.
 const (
+	DefaultMaxConnections   = 128
 	DefaultMaxPayload       = 32 << 20
 	DefaultMaxInFlight      = 16
 	DefaultMaxInFlightBytes = 64 << 20
@@ -117,7 +130,9 @@ type Config struct {
 	TLSConfig *tls.Config
 
 	// MaxConnections bounds concurrent connections (handshaking and
-	// transmitting); extra connections are closed at once. 0 = unlimited.
+	// transmitting); extra connections are closed at once, before any
+	// byte is sent or any per-connection state is allocated.
+	// 0 = DefaultMaxConnections (128); negative = unlimited.
 	MaxConnections int
 	// MaxPayload is the largest read or write payload, advertised as the
 	// NBD_INFO_BLOCK_SIZE maximum. 0 = 32 MiB.
@@ -126,8 +141,10 @@ type Config struct {
 	// at once. 0 = 16.
 	MaxInFlight int
 	// MaxInFlightBytes bounds the payload buffers one connection may hold
-	// at once (a single larger request is still admitted alone).
-	// 0 = 64 MiB.
+	// at once (a single larger request is still admitted alone). It also
+	// bounds the replies queued behind a client that does not read them:
+	// while more than this many bytes wait to be written, no further
+	// request is read. 0 = 64 MiB.
 	MaxInFlightBytes int64
 	// HandshakeTimeout bounds the whole option haggling, TLS included.
 	// 0 = 10 s; negative = no limit.
@@ -156,6 +173,9 @@ type Config struct {
 
 func (c *Config) withDefaults() Config {
 	d := *c
+	if d.MaxConnections == 0 {
+		d.MaxConnections = DefaultMaxConnections
+	}
 	if d.MaxPayload == 0 {
 		d.MaxPayload = DefaultMaxPayload
 	}
@@ -200,6 +220,8 @@ type Server struct {
 	conns     map[*conn]struct{}
 	closing   bool
 	done      chan struct{} // closed when closing becomes true
+	refused   int           // connections refused and not yet logged
+	refusedAt time.Time     // when a refusal was last logged
 
 	wg sync.WaitGroup // one per running connection goroutine
 }
@@ -289,7 +311,7 @@ func (s *Server) Serve(l net.Listener) error {
 			if s.isClosing() {
 				return ErrServerClosed
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			if acceptRetryable(err) {
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 				time.Sleep(backoff)
 				continue
@@ -301,10 +323,28 @@ func (s *Server) Serve(l net.Listener) error {
 	}
 }
 
+// acceptRetryable reports whether an Accept error is transient: a timeout,
+// or the process or system running out of descriptors or buffers (a
+// connection flood must not stop the server; the descriptors come back as
+// connections end).
+func acceptRetryable(err error) bool {
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		return true
+	}
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// refusalLogEvery bounds the log lines a connection flood causes.
+const refusalLogEvery = time.Second
+
 // ServeConn serves one already established connection in a new goroutine
 // and returns at once. The server owns nc from then on and closes it.
 func (s *Server) ServeConn(nc net.Conn) {
-	c := newConn(s, nc)
 	s.mu.Lock()
 	if s.closing {
 		s.mu.Unlock()
@@ -312,11 +352,25 @@ func (s *Server) ServeConn(nc net.Conn) {
 		return
 	}
 	if s.cfg.MaxConnections > 0 && len(s.conns) >= s.cfg.MaxConnections {
+		// Refused before anything is allocated for it; a reset rather
+		// than an orderly close leaves no TIME_WAIT state behind. Under a
+		// flood, one line per second summarizes the refusals.
+		s.refused++
+		var n int
+		if now := time.Now(); now.Sub(s.refusedAt) >= refusalLogEvery {
+			n, s.refused, s.refusedAt = s.refused, 0, now
+		}
 		s.mu.Unlock()
-		s.log.Warn("nbd: connection refused", "remote", remoteAddr(nc), "err", ErrTooManyConnections)
+		if tc, ok := nc.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0)
+		}
 		nc.Close()
+		if n > 0 {
+			s.log.Warn("nbd: connections refused", "count", n, "last_remote", remoteAddr(nc), "err", ErrTooManyConnections)
+		}
 		return
 	}
+	c := newConn(s, nc)
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()

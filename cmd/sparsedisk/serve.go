@@ -38,14 +38,22 @@ func init() {
 			"   sparsedisk serve disk.img\n" +
 			"   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk.img,format=raw,if=virtio\n" +
 			"   sparsedisk serve --listen 0.0.0.0:10809 --tls require --tls-cert s.pem --tls-key s.key vm1.img:vm1 vm2.img:vm2\n" +
-			"   sparsedisk serve --socket /run/disk.sock --read-only base.img",
+			"   sparsedisk serve --socket /run/disk.sock --read-only base.img\n\n" +
+			"Limits (see SECURITY.md): at most --max-connections clients at once (the rest are\n" +
+			"refused immediately), each with at most --max-in-flight requests executing; a client\n" +
+			"that has not finished negotiating after --handshake-timeout is dropped, and with\n" +
+			"--idle-timeout a connected client that sends nothing for that long is too. A Unix\n" +
+			"socket is created with --socket-mode (default 0600: only the serving user may connect).",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Aliases: []string{"l"}, Value: "127.0.0.1:10809", Usage: "TCP `ADDRESS` to listen on"},
 			&cli.StringFlag{Name: "socket", Usage: "Unix socket `PATH` to listen on (instead of TCP unless --listen is given too)"},
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "serve every image read-only"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it is acknowledged (slow)"},
-			&cli.IntFlag{Name: "max-connections", Usage: "refuse connections beyond `N` (0 = unlimited)"},
-			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating in this time"},
+			&cli.StringFlag{Name: "socket-mode", Value: "0600", Usage: "permission bits (octal `MODE`) of the --socket file; connecting needs write permission"},
+			&cli.IntFlag{Name: "max-connections", Value: nbd.DefaultMaxConnections, Usage: "serve at most `N` connections at once, negotiating or not; more are closed at once (0 = unlimited)"},
+			&cli.IntFlag{Name: "max-in-flight", Value: nbd.DefaultMaxInFlight, Usage: "execute at most `N` requests of one connection at once; the connection is not read further meanwhile"},
+			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating (TLS included) in this time"},
+			&cli.DurationFlag{Name: "idle-timeout", Usage: "close connections that send no request for this long (0 = never; kernel clients idle for hours)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
 		}, tlsFlags()...),
@@ -59,7 +67,7 @@ func tlsFlags() []cli.Flag {
 		&cli.StringFlag{Name: "tls", Value: "off", Usage: "TLS `MODE`: off, on (clients may upgrade) or require (nothing is revealed before STARTTLS)"},
 		&cli.StringFlag{Name: "tls-cert", Usage: "server certificate `FILE` (PEM)"},
 		&cli.StringFlag{Name: "tls-key", Usage: "server private key `FILE` (PEM)"},
-		&cli.StringFlag{Name: "tls-ca", Usage: "CA `FILE` (PEM): clients must present a certificate it signed"},
+		&cli.StringFlag{Name: "tls-ca", Usage: "CA `FILE` (PEM): clients must present a certificate it signed (needs --tls require)"},
 	}
 }
 
@@ -74,6 +82,12 @@ func tlsConfig(c *cli.Context) (nbd.TLSMode, *tls.Config, error) {
 			return mode, nil, errors.New("--tls-cert, --tls-key and --tls-ca need --tls on or --tls require")
 		}
 		return mode, nil, nil
+	}
+	if mode == nbd.TLSOn && c.IsSet("tls-ca") {
+		// In "on" mode a client may skip STARTTLS and is then served
+		// without any certificate, so --tls-ca would promise a check that
+		// a plain client simply avoids.
+		return mode, nil, errors.New("--tls-ca needs --tls require: with --tls on, clients that skip TLS need no certificate")
 	}
 	if c.String("tls-cert") == "" || c.String("tls-key") == "" {
 		return mode, nil, fmt.Errorf("--tls %s needs --tls-cert and --tls-key", mode)
@@ -172,6 +186,10 @@ func serveAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	limits, err := serveLimitFlags(c)
+	if err != nil {
+		return err
+	}
 
 	ro := c.Bool("read-only")
 	var disks []*blockif.Disk
@@ -204,8 +222,10 @@ func serveAction(c *cli.Context) error {
 	srv, err := nbd.NewServer(nbd.Config{
 		TLS:              mode,
 		TLSConfig:        tcfg,
-		MaxConnections:   c.Int("max-connections"),
-		HandshakeTimeout: c.Duration("handshake-timeout"),
+		MaxConnections:   limits.maxConns,
+		MaxInFlight:      limits.maxInFlight,
+		HandshakeTimeout: limits.handshake,
+		IdleTimeout:      limits.idle,
 		Logger:           log,
 	}, exports...)
 	if err != nil {
@@ -225,7 +245,7 @@ func serveAction(c *cli.Context) error {
 			if st, err := os.Lstat(p); err == nil && st.Mode()&os.ModeSocket != 0 {
 				os.Remove(p) // stale socket of an earlier run
 			}
-			l, err := net.Listen("unix", p)
+			l, err := listenUnix(p, limits.socketMode)
 			if err != nil {
 				closeAll()
 				return err
@@ -278,6 +298,62 @@ func serveAction(c *cli.Context) error {
 	}
 	log.Info("stopped")
 	return serveErr
+}
+
+// serveLimits are the connection limits and the socket mode from the flags.
+type serveLimits struct {
+	maxConns, maxInFlight int
+	handshake, idle       time.Duration
+	socketMode            os.FileMode
+}
+
+func serveLimitFlags(c *cli.Context) (serveLimits, error) {
+	l := serveLimits{
+		maxConns:    c.Int("max-connections"),
+		maxInFlight: c.Int("max-in-flight"),
+		handshake:   c.Duration("handshake-timeout"),
+		idle:        c.Duration("idle-timeout"),
+	}
+	if l.maxConns <= 0 {
+		l.maxConns = -1 // nbd.Config: negative = unlimited
+	}
+	if l.maxInFlight < 1 {
+		return l, fmt.Errorf("--max-in-flight %d: need at least 1", l.maxInFlight)
+	}
+	if l.handshake <= 0 {
+		return l, fmt.Errorf("--handshake-timeout %v: need a positive duration", l.handshake)
+	}
+	if l.idle < 0 {
+		return l, fmt.Errorf("--idle-timeout %v: need 0 (never) or a positive duration", l.idle)
+	}
+	m, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
+	if err != nil || m > 0o777 {
+		return l, fmt.Errorf("--socket-mode %q: want octal permission bits such as 0600 or 0660", c.String("socket-mode"))
+	}
+	l.socketMode = os.FileMode(m)
+	return l, nil
+}
+
+// listenUnix listens on a Unix socket at path whose permission bits are
+// exactly mode. The umask is narrowed around bind(2), so the socket never
+// exists with wider permissions, not even between bind and a chmod (a
+// client could connect in that window, and its connection would be
+// accepted later). The umask is process-wide; serve changes it only here,
+// at start-up, before any connection is served.
+func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
+	old := syscall.Umask(int(0o777 &^ mode))
+	l, err := net.Listen("unix", path)
+	syscall.Umask(old)
+	if err != nil {
+		return nil, err
+	}
+	// The umask cannot add bits the process does not request; chmod
+	// makes the mode exact whatever the platform's default.
+	if err := os.Chmod(path, mode); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("socket %s: %w", path, err)
+	}
+	return l, nil
 }
 
 // firstErr returns the first non-nil error.

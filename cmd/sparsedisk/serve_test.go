@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -361,5 +362,148 @@ func TestServeSocketActivation(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), "socket activation") {
 		t.Errorf("activation not logged:\n%s", stderr)
+	}
+}
+
+// startServeInProcess runs `sparsedisk serve ARGS...` in this process and
+// returns the printed URIs and a function that stops it and returns its
+// error.
+func startServeInProcess(t *testing.T, nURIs int, args ...string) ([]string, func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- newApp(stdout, stderr).RunContext(ctx, append([]string{"sparsedisk", "serve"}, args...))
+	}()
+	var once sync.Once
+	var stopErr error
+	stop := func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case stopErr = <-done:
+			case <-time.After(30 * time.Second):
+				stopErr = errors.New("serve did not stop")
+			}
+		})
+		return stopErr
+	}
+	var uris []string
+	for deadline := time.Now().Add(20 * time.Second); len(uris) < nURIs; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("no URIs printed; stdout %q stderr %q", stdout, stderr)
+		}
+		uris = strings.Fields(stdout.String())
+	}
+	t.Cleanup(func() { stop() })
+	return uris, stop
+}
+
+// TestServeLimits: the limit flags reach the server. With
+// --max-connections 1 a second client is refused at once, and a client
+// that does not negotiate is dropped at --handshake-timeout; bad values
+// are refused.
+func TestServeLimits(t *testing.T) {
+	img := newTestImage(t, "a.img", 1<<20)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--max-in-flight", "0"}, "--max-in-flight"},
+		{[]string{"--handshake-timeout", "0s"}, "--handshake-timeout"},
+		{[]string{"--idle-timeout", "-1s"}, "--idle-timeout"},
+		{[]string{"--socket", filepath.Join(t.TempDir(), "s"), "--socket-mode", "0999"}, "--socket-mode"},
+		// Client certificates in "on" mode would be skipped by plain clients.
+		{[]string{"--tls", "on", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"}, "--tls-ca needs --tls require"},
+	} {
+		_, stderr, code := sdRun(t, append(append([]string{"serve"}, tc.args...), img)...)
+		if code == 0 || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%q: exit %d, stderr %q, want it to mention %q", tc.args, code, stderr, tc.want)
+		}
+	}
+	help, _, _ := sdRun(t, "serve", "--help")
+	for _, want := range []string{`(default: "127.0.0.1:10809")`, "--max-connections N", "(default: 128)", "--max-in-flight N", "(default: 16)", "--handshake-timeout", "(default: 10s)", "--idle-timeout", "--socket-mode MODE", `(default: "0600")`} {
+		if !strings.Contains(help, want) {
+			t.Errorf("serve --help does not mention %q:\n%s", want, help)
+		}
+	}
+
+	const handshake = 400 * time.Millisecond
+	uris, stop := startServeInProcess(t, 1, "--listen", "127.0.0.1:0", "--max-connections", "1",
+		"--max-in-flight", "2", "--idle-timeout", "1m", "--handshake-timeout", handshake.String(), img)
+	addr := strings.TrimPrefix(strings.TrimSuffix(uris[0], "/a.img"), "nbd://")
+	first, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	start := time.Now()
+	first.SetDeadline(start.Add(10 * time.Second))
+	greeting := make([]byte, 18)
+	if _, err := io.ReadFull(first, greeting); err != nil || !bytes.HasPrefix(greeting, []byte("NBDMAGIC")) {
+		t.Fatalf("first client: greeting %q, %v", greeting, err)
+	}
+	// The slot is taken: a second client gets nothing and is closed
+	// well before the handshake timeout (or reset during connect).
+	if second, err := net.Dial("tcp", addr); err == nil {
+		second.SetDeadline(time.Now().Add(10 * time.Second))
+		t0 := time.Now()
+		n, _ := io.Copy(io.Discard, second)
+		second.Close()
+		if n != 0 || time.Since(t0) >= handshake {
+			t.Errorf("second client: %d bytes, closed after %v; want refused at once", n, time.Since(t0))
+		}
+	} else if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatal(err)
+	}
+	// The silent first client is dropped at the handshake timeout.
+	if n, err := io.Copy(io.Discard, first); n != 0 || err != nil {
+		t.Fatalf("first client: %d more bytes, %v", n, err)
+	}
+	if took := time.Since(start); took < handshake*9/10 || took > handshake+5*time.Second {
+		t.Fatalf("first client dropped after %v, want about %v", took, handshake)
+	}
+	if err := stop(); err != nil {
+		t.Fatalf("serve: %v", err)
+	}
+}
+
+// TestServeSocketMode: the Unix socket gets exactly --socket-mode (0600
+// by default), even under a umask of 0 that would make it world-writable.
+func TestServeSocketMode(t *testing.T) {
+	img := newTestImage(t, "a.img", 1<<20)
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	for _, tc := range []struct {
+		args []string
+		want os.FileMode
+	}{
+		{nil, 0o600},
+		{[]string{"--socket-mode", "0660"}, 0o660},
+	} {
+		sock := filepath.Join(t.TempDir(), "nbd.sock")
+		_, stop := startServeInProcess(t, 1, append(append([]string{"--socket", sock}, tc.args...), img)...)
+		st, err := os.Stat(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode()&os.ModeSocket == 0 || st.Mode().Perm() != tc.want {
+			t.Errorf("%q: socket mode %v, want %v", tc.args, st.Mode(), tc.want)
+		}
+		nc, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nc.SetDeadline(time.Now().Add(10 * time.Second))
+		greeting := make([]byte, 18)
+		if _, err := io.ReadFull(nc, greeting); err != nil || !bytes.HasPrefix(greeting, []byte("NBDMAGIC")) {
+			t.Fatalf("greeting over the socket %q: %v", greeting, err)
+		}
+		nc.Close()
+		if err := stop(); err != nil {
+			t.Fatalf("serve: %v", err)
+		}
 	}
 }
