@@ -2,6 +2,7 @@ package blockif
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -106,6 +107,53 @@ func TestConcurrentModel(t *testing.T) {
 			}
 			if i := firstDiff(got, model); i >= 0 {
 				t.Fatalf("seed %d: byte %d differs after concurrent I/O", seed, i)
+			}
+		})
+	}
+}
+
+// TestSyncCloseDuringIO: with Options.Sync every write and zeroing ends in
+// a flush; a Close arriving meanwhile must wait for them and then close,
+// not deadlock (the flush must not take the close lock a second time).
+func TestSyncCloseDuringIO(t *testing.T) {
+	for _, op := range []string{"write", "zero"} {
+		t.Run(op, func(t *testing.T) {
+			p := Params{Layout: LayoutSparse, Size: 256 << 20, Split: 64 << 20, SectorSize: 4096}
+			path := testImage(t, p, nil, false)
+			d := mustOpen(t, path, &Options{Sync: true})
+			buf := bytes.Repeat([]byte{0xA5}, 1<<20)
+			done := make(chan error, 1)
+			started := make(chan struct{})
+			go func() {
+				var err error
+				for i := int64(0); i < 128 && err == nil; i++ {
+					if i == 2 {
+						close(started)
+					}
+					if op == "write" {
+						_, err = d.WriteAt(buf, i<<20)
+					} else {
+						_, err = d.WriteAt(buf, i<<20)
+						if err == nil {
+							err = d.WriteZeroes(i<<20, 1<<20)
+						}
+					}
+				}
+				done <- err
+			}()
+			<-started
+			closed := make(chan error, 1)
+			go func() { closed <- d.Close() }()
+			select {
+			case err := <-closed:
+				if err != nil {
+					t.Errorf("Close: %v", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("Close during a sync write did not return in 30 s (deadlock)")
+			}
+			if err := <-done; err != nil && !errors.Is(err, ErrClosed) {
+				t.Errorf("writer: %v, want nil or ErrClosed", err)
 			}
 		})
 	}

@@ -183,7 +183,7 @@ func (d *Disk) WriteAt(p []byte, off int64) (int, error) {
 	err := d.writeLocked(p, off)
 	d.ranges.unlock(first, last)
 	if err == nil && d.sync {
-		err = d.Flush()
+		err = d.flush() // not Flush: the close read-lock is held, and a waiting Close would deadlock a second RLock
 	}
 	if err != nil {
 		return 0, err
@@ -342,7 +342,7 @@ func (d *Disk) zero(off, n int64) error {
 	err := d.zeroLocked(off, n)
 	d.ranges.unlock(first, last)
 	if err == nil && d.sync {
-		err = d.Flush()
+		err = d.flush() // not Flush: see WriteAt
 	}
 	return err
 }
