@@ -18,9 +18,13 @@ func FuzzParseDescriptor(f *testing.F) {
 	f.Add([]byte("format=sparsedisk/1\nlayout=split\nsize=20G\nsplit=1g\nsectorsize=512\n"))
 	f.Add([]byte("format = sparsedisk/1\nlayout = sparse\nsize = 1\n"))
 	f.Add([]byte("\x00\xff = =\n#"))
-	if data, err := os.ReadFile(filepath.Join("..", "testdata", "descriptor.sample")); err == nil {
-		f.Add(data)
+	// testdata/descriptor.sample is what `sparsedisk create disk.img
+	// size=20G split=1G` writes, byte for byte.
+	data, err := os.ReadFile(filepath.Join("..", "testdata", "descriptor.sample"))
+	if err != nil {
+		f.Fatalf("seed: %v", err)
 	}
+	f.Add(data)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		d, err := ParseDescriptor(data, "fuzz")
 		if err != nil {
@@ -45,9 +49,11 @@ func FuzzParseDescriptor(f *testing.F) {
 func FuzzOpenLUT(f *testing.F) {
 	f.Add(bytes.Repeat([]byte{0xFF}, 64), uint16(0), uint16(4096))
 	f.Add([]byte{0, 0, 0, 0, 1, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF}, uint16(8192), uint16(100))
-	if data, err := os.ReadFile(filepath.Join("..", "testdata", "xhyve", "hdd512.img.lut")); err == nil {
-		f.Add(data[:64], uint16(3584), uint16(7168))
+	lutSeed, err := os.ReadFile(filepath.Join("..", "testdata", "xhyve", "hdd512.img.lut"))
+	if err != nil || len(lutSeed) < 64 {
+		f.Fatalf("seed: xhyve fixture LUT: %v (%d bytes)", err, len(lutSeed))
 	}
+	f.Add(lutSeed[:64], uint16(3584), uint16(7168))
 	f.Fuzz(func(t *testing.T, lutBytes []byte, seg0, seg1 uint16) {
 		const ss = 512
 		p := Params{Layout: LayoutSparse, Size: 16 * ss, Split: 8 * ss, SectorSize: ss}

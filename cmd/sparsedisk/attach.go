@@ -39,7 +39,8 @@ func init() {
 		Name:        "detach",
 		Usage:       "detach a kernel NBD device attached with `sparsedisk attach`",
 		ArgsUsage:   "/dev/nbdX",
-		Description: "Disconnects the device; the attach process then flushes and closes its image and exits.",
+		Description: "Disconnects the device; the attach process then flushes and closes its image and exits.\n\n" +
+			"Example:\n   sparsedisk detach /dev/nbd0",
 		Action:      detachAction,
 	})
 }

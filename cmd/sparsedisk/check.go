@@ -34,7 +34,9 @@ func init() {
 			"-r leaks punches leaked slots. -r all also repairs corruption with the least data\n" +
 			"loss possible and lists every change, naming the sectors whose content changed.\n\n" +
 			"Exit status (as qemu-img check): 0 clean, 1 could not check, 2 corruption, 3 leaks\n" +
-			"only; after -r, the status describes the repaired image.",
+			"only; after -r, the status describes the repaired image.\n\n" +
+			"Examples:\n   sparsedisk check disk.img            # report only\n   sparsedisk check disk.img -r leaks   # reclaim leaked slots after a crash\n" +
+			"   sparsedisk check disk.img -r all --output=json",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "repair", Aliases: []string{"r"}, Usage: "repair: leaks or all"},
 			outputFlag(),
@@ -101,6 +103,16 @@ func checkAction(c *cli.Context) error {
 		doc.ExitCode = exitLeaks
 	}
 	if output == "json" {
+		// Empty lists print as [] rather than null, so scripts can
+		// iterate without a special case for a clean image.
+		for _, r := range []*blockif.Report{doc.Check, doc.After} {
+			if r != nil && r.Findings == nil {
+				r.Findings = []blockif.Finding{}
+			}
+		}
+		if doc.Repair != nil && doc.Repair.Actions == nil {
+			doc.Repair.Actions = []blockif.RepairAction{}
+		}
 		e := json.NewEncoder(w)
 		e.SetIndent("", "  ")
 		if err := e.Encode(doc); err != nil {

@@ -47,6 +47,10 @@ func TestCheckExitCodes(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "no errors found") || errs != "" {
 		t.Fatalf("clean image: exit %d\n%s%s", code, out, errs)
 	}
+	out, _, code = sdRun(t, "check", path, "--output=json")
+	if code != 0 || !strings.Contains(out, `"findings": []`) || strings.Contains(out, "null") {
+		t.Errorf("clean image as json: exit %d, want an empty findings list and no null:\n%s", code, out)
+	}
 	leak(t, path)
 	before = imageDigest(t, path)
 	out, _, code = sdRun(t, "check", path)

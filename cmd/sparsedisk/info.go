@@ -20,7 +20,8 @@ func init() {
 		ArgsUsage: "PATH",
 		Description: "Opens the image read-only (it is left byte-identical) and prints its layout, virtual\n" +
 			"size, sector size, split, segments, allocated data, bytes on disk, fragmentation\n" +
-			"(breaks in the logical order of slots; `shrink` makes it 0) and state.",
+			"(breaks in the logical order of slots; `shrink` makes it 0) and state.\n\n" +
+			"Examples:\n   sparsedisk info disk.img\n   sparsedisk info disk.img --output=json | jq .allocated_bytes",
 		Flags:  []cli.Flag{outputFlag()},
 		Action: infoAction,
 	})

@@ -53,6 +53,19 @@ func TestHelpTeaches(t *testing.T) {
 	if !strings.Contains(out, "size=20G") {
 		t.Errorf("create --help has no example:\n%s", out)
 	}
+	// Every subcommand's help teaches by example: an "Example" section
+	// with at least one line that runs the command itself.
+	for _, c := range commands {
+		out, _, code := sdRun(t, c.Name, "--help")
+		if code != 0 {
+			t.Errorf("%s --help: exit %d", c.Name, code)
+			continue
+		}
+		_, ex, ok := strings.Cut(out, "Example")
+		if !ok || !strings.Contains(ex, "sparsedisk "+c.Name+" ") {
+			t.Errorf("%s --help has no example running it:\n%s", c.Name, out)
+		}
+	}
 }
 
 func TestFlagsFirst(t *testing.T) {

@@ -14,7 +14,8 @@ func init() {
 		Usage:     "list an image's allocated (data) and hole runs",
 		ArgsUsage: "PATH",
 		Description: "Prints the disk as alternating runs, like `qemu-img map`: data runs hold sectors\n" +
-			"with stored data, holes read as zeros and take no space. Read-only.",
+			"with stored data, holes read as zeros and take no space. Read-only.\n\n" +
+			"Examples:\n   sparsedisk map disk.img\n   sparsedisk map disk.img --output=json   # [{\"start\":…,\"length\":…,\"data\":true}, …]",
 		Flags:  []cli.Flag{outputFlag()},
 		Action: mapAction,
 	})

@@ -17,7 +17,8 @@ func init() {
 			"no LUT entry references and sectors that hold only zeros, and truncates the files.\n" +
 			"Crash-safe: an interrupted shrink is finished or rolled back by the next open or\n" +
 			"shrink, and the image reads exactly as before at every instant. Temporary space: at\n" +
-			"most one segment. --dry-run only reports what would be reclaimed.",
+			"most one segment. --dry-run only reports what would be reclaimed.\n\n" +
+			"Examples:\n   sparsedisk shrink disk.img --dry-run\n   sparsedisk shrink disk.img",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "dry-run", Aliases: []string{"n"}, Usage: "report what would be reclaimed, change nothing"},
 			outputFlag(),

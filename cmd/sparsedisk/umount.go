@@ -24,7 +24,8 @@ func init() {
 		ArgsUsage: "MOUNTPOINT",
 		Description: "Unmounts like `fusermount3 -u MOUNTPOINT`; the mount process then flushes,\n" +
 			"closes the image clean and exits. umount waits (up to --wait) until the image\n" +
-			"is released, so the image can be used as soon as it returns.",
+			"is released, so the image can be used as soon as it returns.\n\n" +
+			"Example:\n   sparsedisk mount disk.img /mnt/disk &\n   sparsedisk umount /mnt/disk && sparsedisk check disk.img",
 		Flags: []cli.Flag{
 			&cli.DurationFlag{Name: "wait", Value: time.Minute, Usage: "how long to wait for the image to be closed (0: do not wait)"},
 		},
