@@ -36,12 +36,12 @@ func init() {
 		Action: attachAction,
 	})
 	register(&cli.Command{
-		Name:        "detach",
-		Usage:       "detach a kernel NBD device attached with `sparsedisk attach`",
-		ArgsUsage:   "/dev/nbdX",
+		Name:      "detach",
+		Usage:     "detach a kernel NBD device attached with `sparsedisk attach`",
+		ArgsUsage: "/dev/nbdX",
 		Description: "Disconnects the device; the attach process then flushes and closes its image and exits.\n\n" +
 			"Example:\n   sparsedisk detach /dev/nbd0",
-		Action:      detachAction,
+		Action: detachAction,
 	})
 }
 
