@@ -8,6 +8,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/segment"
+	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
 // FindingKind classifies a Check finding.
@@ -105,18 +106,34 @@ func Check(path string, o *Options) (*Report, error) {
 		oo.FS, oo.Logger = o.FS, o.Logger
 	}
 	fsys := oo.fs()
+	if fi, err := fsys.Stat(path); err == nil {
+		if isDesc, _ := isDescriptor(fsys, path, fi.Size()); isDesc {
+			if _, err := ReadDescriptor(fsys, path); errors.Is(err, ErrInvalid) {
+				// A descriptor (segments or a LUT lie beside it) that
+				// cannot be parsed: the image is corrupt, not merely
+				// uncheckable.
+				r := &Report{Image: path}
+				r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Message: err.Error()})
+				return r, nil
+			}
+		}
+	}
 	d, err := Open(path, &oo)
 	if err != nil {
 		if !errors.Is(err, ErrCorrupt) {
 			return nil, err
 		}
-		// Structural corruption: report it from the descriptor alone.
+		// Structural corruption: report it from the descriptor alone,
+		// one finding per problem, so a repair plan sees all of them.
 		desc, derr := ReadDescriptor(fsys, path)
 		if derr != nil {
 			return nil, err
 		}
 		r := &Report{Image: path, Layout: desc.Layout}
-		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Message: err.Error()})
+		structuralFindings(fsys, path, desc, r)
+		if len(r.Findings) == 0 { // something else Open refused
+			r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Message: err.Error()})
+		}
 		return r, nil
 	}
 	defer d.Close()
@@ -258,6 +275,56 @@ func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
 	}
 	emit()
 	return nil
+}
+
+// structuralFindings lists, from the descriptor alone, the problems that
+// keep an image from opening: missing segment files, split segments longer
+// than their part of the disk, a missing LUT or one of the wrong length,
+// and segment files past the geometry (scanned up to the first index that
+// does not exist, as the FS seam has no directory listing).
+func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
+	p := desc.Params
+	nseg := p.Segments()
+	for i := 0; i < nseg; i++ {
+		name := segment.Name(path, i)
+		fi, err := fsys.Stat(name)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
+				Message: fmt.Sprintf("segment file is missing (image has %d segments)", nseg)})
+		case err != nil:
+			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1, Message: err.Error()})
+		case p.Layout == LayoutSplit && fi.Size() > min(p.Split, p.Size-int64(i)*p.Split):
+			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
+				Message: fmt.Sprintf("segment file is %d bytes, longer than its %d", fi.Size(), min(p.Split, p.Size-int64(i)*p.Split))})
+		}
+	}
+	if p.Layout == LayoutSparse {
+		name := path + lut.Suffix
+		want := p.Sectors() * lut.EntrySize
+		fi, err := fsys.Stat(name)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			r.add(Finding{Kind: Corruption, File: name, Segment: -1, Sector: -1, Slot: -1, Count: 1, Message: "LUT file is missing"})
+		case err != nil:
+			r.add(Finding{Kind: Corruption, File: name, Segment: -1, Sector: -1, Slot: -1, Count: 1, Message: err.Error()})
+		case fi.Size() < want || fi.Size()%lut.EntrySize != 0:
+			r.add(Finding{Kind: Corruption, File: name, Segment: -1, Sector: -1, Slot: -1, Count: 1,
+				Message: fmt.Sprintf("LUT is %d bytes, want %d (%d sectors × %d)", fi.Size(), want, p.Sectors(), lut.EntrySize)})
+		}
+	}
+	for i := nseg; ; i++ {
+		name := segment.Name(path, i)
+		fi, err := fsys.Stat(name)
+		if err != nil {
+			return
+		}
+		if fi.Size() == 0 && i == nseg {
+			continue // xhyve's trailing empty segment
+		}
+		r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, fi.Size())})
+	}
 }
 
 // checkExtraSegments reports segment files past the geometry; one

@@ -2,7 +2,6 @@ package blockif
 
 import (
 	"bytes"
-	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -202,7 +201,53 @@ func TestRepairSplitAndRaw(t *testing.T) {
 	}
 	bad := filepath.Join(t.TempDir(), "bad.img")
 	os.WriteFile(bad, []byte("# sparsedisk image\nformat = sparsedisk/1\nlayout = sparse\nsize = 12\n"), 0o644)
-	if _, err := CheckImage(bad, nil); err == nil || !errors.Is(err, ErrInvalid) {
-		t.Fatalf("check of malformed descriptor: %v, want ErrInvalid", err)
+	// Issue 5 counts an inconsistent descriptor as corruption.
+	if r, err := CheckImage(bad, nil); err != nil || r.Corruptions != 1 {
+		t.Fatalf("check of malformed descriptor: %v %+v, want one corruption", err, r)
+	}
+}
+
+// TestCheckListsEveryStructuralProblem: damage that keeps an image from
+// opening is reported one finding per problem, each naming its file, and
+// a descriptor that cannot be parsed is corruption (not "could not check").
+func TestCheckListsEveryStructuralProblem(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 4 * (16 << 10), Split: 16 << 10, SectorSize: 4096}
+	path := filepath.Join(t.TempDir(), "disk.img")
+	if err := Create(path, p, nil); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(segment.Name(path, 1))
+	os.Remove(segment.Name(path, 3))
+	os.Truncate(path+lut.Suffix, 8)
+	os.WriteFile(segment.Name(path, 4), []byte("stray"), 0o644)
+	r, err := Check(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{segment.Name(path, 1): false, segment.Name(path, 3): false, path + lut.Suffix: false, segment.Name(path, 4): false}
+	for _, f := range r.Findings {
+		if f.Kind != Corruption {
+			t.Errorf("finding %s is not corruption", f)
+		}
+		if _, ok := want[f.File]; ok {
+			want[f.File] = true
+		}
+	}
+	for file, seen := range want {
+		if !seen {
+			t.Errorf("no finding names %s; report: %+v", file, r.Findings)
+		}
+	}
+	if r.Corruptions != 4 {
+		t.Errorf("%d corruptions, want 4", r.Corruptions)
+	}
+
+	os.WriteFile(path, []byte("this is not a descriptor\n"), 0o644)
+	r, err = Check(path, nil)
+	if err != nil || r.Corruptions != 1 || r.Findings[0].File != path {
+		t.Errorf("garbage descriptor: %v %+v, want one corruption naming %s", err, r, path)
+	}
+	if _, err := Check(filepath.Join(t.TempDir(), "absent.img"), nil); err == nil {
+		t.Error("a missing image must fail the check itself")
 	}
 }

@@ -90,8 +90,8 @@ func TestCheckExitCodes(t *testing.T) {
 	}
 	bad := filepath.Join(t.TempDir(), "bad.img")
 	os.WriteFile(bad, []byte("# sparsedisk image\nformat = sparsedisk/1\nlayout = sparse\n"), 0o644)
-	if _, _, code := sdRun(t, "check", bad); code != 1 {
-		t.Errorf("malformed descriptor: exit %d, want 1", code)
+	if out, _, code := sdRun(t, "check", bad); code != 2 || !strings.Contains(out, bad) {
+		t.Errorf("malformed descriptor: exit %d, want 2 (corruption) naming the file:\n%s", code, out)
 	}
 	if _, _, code := sdRun(t, "check", filepath.Join(t.TempDir(), "none.img")); code != 1 {
 		t.Errorf("missing image: exit %d, want 1", code)
