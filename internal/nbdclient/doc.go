@@ -31,6 +31,11 @@
 // request with an error that wraps [ErrDisconnected]; the client does not
 // reconnect.
 //
+// The wire constants (magics, option, reply and command numbers) are
+// written out here again from the protocol document rather than imported
+// from package nbd, on purpose: the client exists to test the server, and
+// a constant shared by both would let a wrong value pass every test.
+//
 // # Concurrency
 //
 // A [Client] is safe for concurrent use by many goroutines, and that is the
