@@ -2,7 +2,6 @@ package fusefs
 
 import (
 	"bytes"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
@@ -60,84 +60,6 @@ func faultMount(t *testing.T, b Backend) (*Mount, *os.File, func()) {
 	return m, f, stop
 }
 
-// sectorStamp is the content of one 4 KiB sector for write id.
-func sectorStamp(sector int64, id int) []byte {
-	r := rand.New(rand.NewPCG(uint64(sector), uint64(id)))
-	b := make([]byte, 4096)
-	for i := 0; i < len(b); i += 8 {
-		v := r.Uint64() | 1
-		for k := range 8 {
-			b[i+k] = byte(v >> (8 * k))
-		}
-	}
-	return b
-}
-
-// stampLedger remembers, per 4 KiB sector, every write id sent to it and
-// the one the disk must hold now (-1: zeros).
-type stampLedger struct {
-	sent map[int64][]int
-	want map[int64]int
-}
-
-func newStampLedger() *stampLedger {
-	return &stampLedger{sent: map[int64][]int{}, want: map[int64]int{}}
-}
-
-func (l *stampLedger) data(s int64, n int, id int) []byte {
-	var b []byte
-	for k := range int64(n) {
-		l.sent[s+k] = append(l.sent[s+k], id)
-		b = append(b, sectorStamp(s+k, id)...)
-	}
-	return b
-}
-
-func (l *stampLedger) acked(s int64, n int, id int) {
-	for k := range int64(n) {
-		l.want[s+k] = id
-	}
-}
-
-func (l *stampLedger) zeroed(s int64, n int) {
-	for k := range int64(n) {
-		l.want[s+k] = -1
-	}
-}
-
-// verify checks the sectors of data (starting at sector first): a sector
-// with a known content must hold it; any other must be zeros or a stamp
-// once sent to that very sector.
-func (l *stampLedger) verify(t *testing.T, data []byte, first int64, where string) (checked int) {
-	t.Helper()
-	zero := make([]byte, 4096)
-	for k := int64(0); k < int64(len(data))/4096; k++ {
-		s := first + k
-		got := data[k*4096 : (k+1)*4096]
-		if id, ok := l.want[s]; ok {
-			if id < 0 && !bytes.Equal(got, zero) {
-				t.Errorf("%s: sector %d should read zeros", where, s)
-			} else if id >= 0 && !bytes.Equal(got, sectorStamp(s, id)) {
-				t.Errorf("%s: sector %d lost acknowledged write %d", where, s, id)
-			}
-			checked++
-			continue
-		}
-		if bytes.Equal(got, zero) {
-			continue
-		}
-		ok := false
-		for _, id := range l.sent[s] {
-			ok = ok || bytes.Equal(got, sectorStamp(s, id))
-		}
-		if !ok {
-			t.Errorf("%s: sector %d holds data never written to it", where, s)
-		}
-		checked++
-	}
-	return checked
-}
-
 // TestDiskFullFUSE fills the host file system under a mounted image:
 // pwrite gets ENOSPC, the mount keeps serving reads, in-place writes and
 // fsync; punching holes and deleting a file give space back and writes
@@ -172,16 +94,16 @@ func TestDiskFullFUSE(t *testing.T) {
 	})
 	_, f, unmount := faultMount(t, d)
 
-	led := newStampLedger()
+	led := stamp.NewLedger()
 	id := 0
 	next := int64(0)
 	var acked []int64
 	write := func(ch int64) error {
 		id++
 		s := ch * perChk
-		_, err := f.WriteAt(led.data(s, perChk, id), ch*chunk)
+		_, err := f.WriteAt(led.Data(s, perChk, id), ch*chunk)
 		if err == nil {
-			led.acked(s, perChk, id)
+			led.Acked(s, perChk, id)
 		}
 		return err
 	}
@@ -219,7 +141,7 @@ func TestDiskFullFUSE(t *testing.T) {
 			if _, err := f.ReadAt(buf, ch*chunk); err != nil {
 				t.Fatalf("%s: read of chunk %d: %v", where, ch, err)
 			}
-			led.verify(t, buf, ch*perChk, where)
+			led.Verify(t, buf, ch*perChk, where)
 		}
 	}
 
@@ -242,7 +164,7 @@ func TestDiskFullFUSE(t *testing.T) {
 		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, ch*chunk, chunk); err != nil {
 			t.Fatalf("punch chunk %d: %v", ch, err)
 		}
-		led.zeroed(ch*perChk, perChk)
+		led.Zeroed(ch*perChk, perChk)
 	}
 	acked = acked[8:]
 	for k := range 4 {
@@ -289,7 +211,7 @@ func TestDiskFullFUSE(t *testing.T) {
 	if _, err := ro.ReadAt(whole, 0); err != nil {
 		t.Fatal(err)
 	}
-	verified := led.verify(t, whole, 0, "reopened")
+	verified := led.Verify(t, whole, 0, "reopened")
 	t.Logf("refill: ENOSPC after %d more pwrites; reopened: %d sectors verified; check: %d corruptions, %d leaked slots", w2, verified, r.Corruptions, r.LeakedSlots)
 }
 

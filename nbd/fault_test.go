@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
@@ -73,88 +73,6 @@ func faultServe(t *testing.T, exps ...Export) (addr string, stop func()) {
 	}
 	t.Cleanup(stop)
 	return l.Addr().String(), stop
-}
-
-// sectorStamp is the content of one 4 KiB sector for write id: derived
-// from both, so a sector holding another sector's or another write's data
-// is told apart.
-func sectorStamp(sector int64, id int) []byte {
-	r := rand.New(rand.NewPCG(uint64(sector), uint64(id)))
-	b := make([]byte, 4096)
-	for i := 0; i < len(b); i += 8 {
-		v := r.Uint64() | 1
-		for k := range 8 {
-			b[i+k] = byte(v >> (8 * k))
-		}
-	}
-	return b
-}
-
-// stampLedger remembers, per 4 KiB sector, every write id ever sent to it
-// and the one the disk must hold now (-1: zeros).
-type stampLedger struct {
-	sent map[int64][]int
-	want map[int64]int
-}
-
-func newStampLedger() *stampLedger {
-	return &stampLedger{sent: map[int64][]int{}, want: map[int64]int{}}
-}
-
-// data returns the stamped payload for n sectors at sector s, recording
-// the write as sent.
-func (l *stampLedger) data(s int64, n int, id int) []byte {
-	var b []byte
-	for k := range int64(n) {
-		l.sent[s+k] = append(l.sent[s+k], id)
-		b = append(b, sectorStamp(s+k, id)...)
-	}
-	return b
-}
-
-func (l *stampLedger) acked(s int64, n int, id int) {
-	for k := range int64(n) {
-		l.want[s+k] = id
-	}
-}
-
-func (l *stampLedger) zeroed(s int64, n int) {
-	for k := range int64(n) {
-		l.want[s+k] = -1
-	}
-}
-
-// verify checks sectors [first, first+len(data)/4096): each sector with a
-// known content must hold it; any other sector must be zeros or a stamp
-// once sent to that very sector (a failed write may have landed).
-func (l *stampLedger) verify(t *testing.T, data []byte, first int64, where string) (checked int) {
-	t.Helper()
-	zero := make([]byte, 4096)
-	for k := int64(0); k < int64(len(data))/4096; k++ {
-		s := first + k
-		got := data[k*4096 : (k+1)*4096]
-		if id, ok := l.want[s]; ok {
-			if id < 0 && !bytes.Equal(got, zero) {
-				t.Errorf("%s: sector %d should read zeros", where, s)
-			} else if id >= 0 && !bytes.Equal(got, sectorStamp(s, id)) {
-				t.Errorf("%s: sector %d lost acknowledged write %d", where, s, id)
-			}
-			checked++
-			continue
-		}
-		if bytes.Equal(got, zero) {
-			continue
-		}
-		ok := false
-		for _, id := range l.sent[s] {
-			ok = ok || bytes.Equal(got, sectorStamp(s, id))
-		}
-		if !ok {
-			t.Errorf("%s: sector %d holds data never written to it", where, s)
-		}
-		checked++
-	}
-	return checked
 }
 
 // simple NBD requests over the test client, one at a time.
@@ -229,7 +147,7 @@ func TestDiskFullNBD(t *testing.T) {
 	c := dial(t, addr)
 	c.connect("disk", connectOpts{})
 
-	led := newStampLedger()
+	led := stamp.NewLedger()
 	id := 0
 	next := int64(0) // next chunk never written
 	var acked []int64
@@ -240,11 +158,11 @@ func TestDiskFullNBD(t *testing.T) {
 		for ; next < size/chunk; next++ {
 			id++
 			s := next * perChk
-			errno := c.faultWrite(uint64(id), next*chunk, led.data(s, perChk, id))
+			errno := c.faultWrite(uint64(id), next*chunk, led.Data(s, perChk, id))
 			writes++
 			switch errno {
 			case 0:
-				led.acked(s, perChk, id)
+				led.Acked(s, perChk, id)
 				acked = append(acked, next)
 				if len(acked)%8 == 0 {
 					if e := c.faultCmd(cmdFlush, 1, 0, 0); e != 0 {
@@ -268,7 +186,7 @@ func TestDiskFullNBD(t *testing.T) {
 			if errno != 0 {
 				t.Fatalf("%s: read of chunk %d: errno %d", where, ch, errno)
 			}
-			led.verify(t, data, ch*perChk, where)
+			led.Verify(t, data, ch*perChk, where)
 		}
 	}
 
@@ -278,17 +196,17 @@ func TestDiskFullNBD(t *testing.T) {
 	t.Logf("ENOSPC after %d acknowledged 64 KiB writes (%d sent)", full1, w1)
 	for k := range 3 { // still full: allocating writes keep failing
 		id++
-		if errno := c.faultWrite(uint64(id), next*chunk, led.data(next*perChk, perChk, id)); errno != errnoNoSpc {
+		if errno := c.faultWrite(uint64(id), next*chunk, led.Data(next*perChk, perChk, id)); errno != errnoNoSpc {
 			t.Fatalf("allocating write %d while full: errno %d, want ENOSPC (%d)", k, errno, errnoNoSpc)
 		}
 		next++
 	}
 	// Overwriting allocated sectors needs no space.
 	id++
-	if errno := c.faultWrite(uint64(id), acked[1]*chunk, led.data(acked[1]*perChk, perChk, id)); errno != 0 {
+	if errno := c.faultWrite(uint64(id), acked[1]*chunk, led.Data(acked[1]*perChk, perChk, id)); errno != 0 {
 		t.Fatalf("in-place write while full: errno %d", errno)
 	}
-	led.acked(acked[1]*perChk, perChk, id)
+	led.Acked(acked[1]*perChk, perChk, id)
 	readBack("while full")
 	if errno := c.faultCmd(cmdFlush, 3, 0, 0); errno != 0 {
 		t.Fatalf("flush while full: errno %d", errno)
@@ -300,16 +218,16 @@ func TestDiskFullNBD(t *testing.T) {
 		if errno := c.faultCmd(cmdTrim, 4, ch*chunk, chunk); errno != 0 {
 			t.Fatalf("trim of chunk %d: errno %d", ch, errno)
 		}
-		led.zeroed(ch*perChk, perChk)
+		led.Zeroed(ch*perChk, perChk)
 	}
 	acked = acked[16:]
 	for k := range 8 {
 		id++
 		s := next * perChk
-		if errno := c.faultWrite(uint64(id), next*chunk, led.data(s, perChk, id)); errno != 0 {
+		if errno := c.faultWrite(uint64(id), next*chunk, led.Data(s, perChk, id)); errno != 0 {
 			t.Fatalf("write %d after trimming 1 MiB: errno %d", k, errno)
 		}
-		led.acked(s, perChk, id)
+		led.Acked(s, perChk, id)
 		acked = append(acked, next)
 		next++
 	}
@@ -346,7 +264,7 @@ func TestDiskFullNBD(t *testing.T) {
 	if _, err := d.ReadAt(whole, 0); err != nil {
 		t.Fatalf("read after reopen: %v", err)
 	}
-	verified := led.verify(t, whole, 0, "reopened while full")
+	verified := led.Verify(t, whole, 0, "reopened while full")
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -372,10 +290,10 @@ func TestDiskFullNBD(t *testing.T) {
 	for k := range 8 {
 		id++
 		s := next * perChk
-		if errno := c.faultWrite(uint64(id), next*chunk, led.data(s, perChk, id)); errno != 0 {
+		if errno := c.faultWrite(uint64(id), next*chunk, led.Data(s, perChk, id)); errno != 0 {
 			t.Fatalf("write %d after deleting the filler: errno %d", k, errno)
 		}
-		led.acked(s, perChk, id)
+		led.Acked(s, perChk, id)
 		acked = append(acked, next)
 		next++
 	}
