@@ -25,19 +25,23 @@ type Backend interface {
 	ReadOnly() bool
 }
 
-// AllocatedByteser is an optional Backend extension: a cheap count of the
-// bytes the image holds allocated, used for st_blocks and statfs. Backends
-// without it are asked for Extents over the whole disk instead (the mount
-// caches the count until the next data change). Like every Backend method it
-// must be safe for concurrent use.
-type AllocatedByteser interface {
-	AllocatedBytes() (int64, error)
+// OnDiskByteser is an optional Backend extension: the bytes the backend's
+// storage occupies on its device, found cheaply. *blockif.Disk has it
+// (OnDiskBytes: the allocated blocks of the image's files, one stat each,
+// whatever the layout). When present it is what st_blocks and statfs
+// report, re-read at most once per attribute timeout. Like every Backend
+// method it must be safe for concurrent use.
+type OnDiskByteser interface {
+	OnDiskBytes() (int64, error)
 }
 
-// allocatedBytes returns the backend's allocated byte count.
+// allocatedBytes returns the space the backend uses: OnDiskBytes when it has
+// it, otherwise the allocated runs of Extents over the whole disk (which
+// for a large image may be costly: the mount recounts only after a data
+// change).
 func allocatedBytes(b Backend) (int64, error) {
-	if a, ok := b.(AllocatedByteser); ok {
-		return a.AllocatedBytes()
+	if a, ok := b.(OnDiskByteser); ok {
+		return a.OnDiskBytes()
 	}
 	var total int64
 	size := b.Size()

@@ -18,9 +18,12 @@
 //   - fsync and fdatasync both call Backend.Flush, which is global: every
 //     write acknowledged before the fsync, through any descriptor, is
 //     durable when it returns (the engine's durability contract).
-//   - close(2) (FUSE FLUSH) does not flush the engine; close promises no
-//     durability and tools that open and close often would pay a sync each
-//     time. The mount command flushes and closes the image once the file
+//   - close(2) does not flush the engine; close promises no durability and
+//     tools that open and close often would pay a sync each time. Opens are
+//     answered with FOPEN_NOFLUSH, so the kernel (5.16 and later) does not
+//     even send the FLUSH request: close never waits for the server, and a
+//     process exiting with the file open cannot hang on a server that is
+//     gone. The mount command flushes and closes the image once the file
 //     system is unmounted.
 //   - fallocate(PUNCH_HOLE|KEEP_SIZE) is Trim; fallocate(ZERO_RANGE), with
 //     or without KEEP_SIZE, is WriteZeroes. Both free the space. Other modes,
@@ -28,13 +31,24 @@
 //     reserve: space is taken on first non-zero write).
 //   - lseek(SEEK_DATA/SEEK_HOLE) is answered from Backend.Extents, so
 //     cp --sparse, qemu-img and tar skip holes without reading them.
-//   - st_blocks counts the image's allocated bytes, so du is truthful; statfs
-//     reports the disk size as the total and the allocated bytes as used.
+//   - st_blocks is the space the image's files take on the host: for
+//     *blockif.Disk its OnDiskBytes, the allocated blocks of the segment
+//     files plus the descriptor and the LUT, whatever the layout (one stat
+//     per file; the LUT is not read, so its lazy loading is kept). du of
+//     the exposed file thus equals du of the image files: it includes the
+//     LUT (a fixed 1/1024 of the disk size with 4 KiB sectors) and slots
+//     freed only by a later shrink, and a split or raw image counts what
+//     its sparse files really hold, not its full size. statfs reports the
+//     disk size as the total and the same count as used. A Backend without
+//     OnDiskBytes is counted from its allocated Extents instead.
 //   - truncate (and open with O_TRUNC) to any size other than the current
 //     one fails with EPERM ([ErrSizeFixed]): the size belongs to the image
 //     and changes only through an explicit offline resize. Owner changes
 //     are EPERM too; mode and times may change and live as long as the
 //     mount.
+//   - the file belongs to the mounting user and is mode 0600 (0400 when
+//     read-only): even with allow_other, other local users cannot read or
+//     write the disk until the owner chmods the file on purpose.
 //   - a read-only mount (or image) is mounted "ro" and also refuses opens
 //     for writing, writes and fallocate itself with EROFS.
 //
@@ -58,7 +72,15 @@
 //     refuses shared writable mmap on a direct-I/O file (Linux 6.6 and
 //     later grant it). Pages of such a mapping do live in the page cache;
 //     msync or fsync writes them back before the FSYNC request reaches
-//     us, so fsync covers mapped writes too.
+//     us, so fsync covers mapped writes too (close does not write them
+//     back; the kernel's writeback and the unmount do).
+//
+// A process must not fault on a mapping of a file it serves itself: the
+// faulting goroutine sleeps in the kernel, uninterruptibly, until the
+// server answers, yet the Go runtime counts it as running, so a garbage
+// collection that must stop every goroutine waits for it for ever while
+// the server goroutines wait for the collection. Map the file from another
+// process (the package's tests do). Plain system calls on the file are safe.
 //
 // What fsync guarantees: a write(2) returns only after the engine's WriteAt
 // returned, so no acknowledged data sits in a kernel cache of ours; fsync
@@ -67,8 +89,10 @@
 // process being killed, but not a host crash. With the --sync option of the
 // command (blockif Options.Sync) every write is durable before it returns.
 //
-// The attribute timeout is one second (the size never changes, st_blocks
-// may lag by that much); the single directory entry is cached for an hour.
+// The attribute timeout is one second (the size never changes); the space
+// count behind st_blocks and statfs is reused for as long, so st_blocks may
+// lag by up to two seconds. The single directory entry is cached for an
+// hour.
 // Xattrs are disabled. The mount uses default_permissions so the kernel
 // enforces the file's mode bits, which matters with allow_other.
 //

@@ -28,8 +28,11 @@ const (
 // openFlags are the FOPEN_* flags every open of the disk file gets: direct
 // I/O (no second page cache above the engine's host files) with parallel
 // direct writes (otherwise the kernel holds the inode lock across each
-// write and serialises them).
-const openFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES
+// write and serialises them), and no FLUSH request on close(2) (Linux 5.16
+// and later): close promises nothing here, and a FLUSH is a request the
+// kernel waits for uninterruptibly, so a process closing the file, at exit
+// for instance, could otherwise sleep for ever on a server that is gone.
+const openFlags = fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES | fuse.FOPEN_NOFLUSH
 
 // root is the mount's root directory. It holds exactly one child, the disk
 // file, added when the kernel first asks for the root.
@@ -91,9 +94,10 @@ type diskFile struct {
 	mtime atomic.Int64  // UnixNano of the last data change; no lock needed
 	gen   atomic.Uint64 // bumped after every data change; keys allocCache
 
-	allocMu  sync.Mutex // protects allocOK, allocGen, allocVal; held while counting
+	allocMu  sync.Mutex // protects allocOK, allocGen, allocAt, allocVal; held while counting
 	allocOK  bool
 	allocGen uint64
+	allocAt  time.Time
 	allocVal int64
 
 	mu    sync.Mutex // protects mode and atime; never held during I/O
@@ -179,20 +183,29 @@ func (f *diskFile) touch() {
 	f.gen.Add(1)
 }
 
-// allocated returns the allocated byte count, recounted only when data
-// changed since the last count (counting walks the whole allocation map).
+// allocated returns the space the disk uses (st_blocks, statfs). A backend
+// with OnDiskBytes is asked again once the previous answer is older than
+// the attribute timeout (the image's files change under writes, punches
+// and the host's own allocation decisions); one counted from Extents only
+// after a data change since the count.
 func (f *diskFile) allocated() (int64, error) {
 	g := f.gen.Load()
 	f.allocMu.Lock()
 	defer f.allocMu.Unlock()
-	if f.allocOK && f.allocGen == g {
-		return f.allocVal, nil
+	if f.allocOK {
+		if _, cheap := f.b.(OnDiskByteser); cheap {
+			if time.Since(f.allocAt) < attrTimeout {
+				return f.allocVal, nil
+			}
+		} else if f.allocGen == g {
+			return f.allocVal, nil
+		}
 	}
 	v, err := allocatedBytes(f.b)
 	if err != nil {
 		return 0, err
 	}
-	f.allocOK, f.allocGen, f.allocVal = true, g, v
+	f.allocOK, f.allocGen, f.allocAt, f.allocVal = true, g, time.Now(), v
 	return v, nil
 }
 
@@ -208,9 +221,9 @@ func (f *diskFile) Fsync(ctx context.Context, _ fs.FileHandle, flags uint32) sys
 	return 0
 }
 
-// Flush is close(2). It does not flush the engine: close promises no
-// durability, and tools that open and close often would pay a full sync
-// each time. fsync does.
+// Flush is close(2) on kernels older than 5.16, which ignore FOPEN_NOFLUSH.
+// It does not flush the engine: close promises no durability, and tools
+// that open and close often would pay a full sync each time. fsync does.
 func (f *diskFile) Flush(ctx context.Context, _ fs.FileHandle) syscall.Errno { return 0 }
 
 // Allocate maps fallocate(2): PUNCH_HOLE|KEEP_SIZE to Trim, ZERO_RANGE

@@ -85,18 +85,33 @@ func mountT(t testing.TB, b Backend, o *Options) *Mount {
 }
 
 // unmountT unmounts, retrying while the kernel still sees the file busy.
+// A mount that will not go away (a child stuck on it, a server that does
+// not finish) is aborted through fusectl and detached, so that a failing
+// test never leaves a process or the test binary stuck on a dead mount.
 func unmountT(t testing.TB, m *Mount) {
 	t.Helper()
 	var err error
 	for i := 0; i < 50; i++ {
-		if err = m.Unmount(); err == nil {
-			m.Wait()
-			return
+		// Unmount waits for the server's request loops, which a request
+		// stuck in the Backend would hold forever: bound it.
+		var uerr error
+		if !within(30*time.Second, func() { uerr = m.Unmount() }) {
+			err = errors.New("unmount did not return in 30s")
+			break
+		}
+		if err = uerr; err == nil {
+			if within(30*time.Second, m.Wait) {
+				return
+			}
+			err = errors.New("server still running 30s after the unmount")
+			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	t.Errorf("unmount %s: %v", m.Dir(), err)
-	_ = unix.Unmount(m.Dir(), unix.MNT_DETACH)
+	t.Errorf("unmount %s: %v; aborting the FUSE connection", m.Dir(), err)
+	if aerr := abortMount(m.Dir()); aerr != nil {
+		t.Errorf("abort %s: %v", m.Dir(), aerr)
+	}
 }
 
 // newImage creates a sparse image and, at the end of the test, checks it

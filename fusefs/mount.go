@@ -22,6 +22,10 @@ const MaxWrite = 1 << 20
 // iodepth-16 workloads.
 const maxBackground = 64
 
+// attrTimeout is how long the kernel caches the file's attributes, and
+// how long a space count from OnDiskBytes is reused.
+const attrTimeout = time.Second
+
 // Options configure New. The zero value is usable apart from Name. New
 // copies what it needs, so an Options value may be reused or changed
 // afterwards; it is plain data with no concurrency guarantees of its own.
@@ -34,7 +38,9 @@ type Options struct {
 	// AllowOther lets users other than the mounting one see the mount
 	// (the FUSE allow_other option; non-root needs user_allow_other in
 	// /etc/fuse.conf). Permission bits are enforced by the kernel
-	// (default_permissions) either way.
+	// (default_permissions) either way, and the file starts as 0600
+	// (0400 read-only), so other users can open it only after a
+	// deliberate chmod.
 	AllowOther bool
 	// FsName is shown as the source in /proc/mounts and df; default "sparsedisk".
 	FsName string
@@ -88,11 +94,11 @@ func New(dir string, b Backend, o *Options) (*Mount, error) {
 		uid:      uint32(os.Getuid()),
 		gid:      uint32(os.Getgid()),
 		started:  now,
-		mode:     0o644,
+		mode:     0o600, // the disk is private to the mount owner; chmod widens it
 		atime:    now,
 	}
 	if ro {
-		f.mode = 0o444
+		f.mode = 0o400
 	}
 	f.mtime.Store(now.UnixNano())
 	fsName := o.FsName
@@ -104,7 +110,7 @@ func New(dir string, b Backend, o *Options) (*Mount, error) {
 		mountOpts = append(mountOpts, "ro")
 	}
 	entryTimeout := time.Hour // the one name never changes
-	attrTimeout := time.Second
+	attrTTL := attrTimeout
 	opts := &fs.Options{
 		MountOptions: fuse.MountOptions{
 			AllowOther:    o.AllowOther,
@@ -123,7 +129,7 @@ func New(dir string, b Backend, o *Options) (*Mount, error) {
 			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_ASYNC_DIO,
 		},
 		EntryTimeout:    &entryTimeout,
-		AttrTimeout:     &attrTimeout,
+		AttrTimeout:     &attrTTL,
 		NegativeTimeout: &entryTimeout,
 		UID:             f.uid,
 		GID:             f.gid,

@@ -3,9 +3,15 @@ package fusefs
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -141,9 +147,12 @@ func TestFileSemantics(t *testing.T) {
 	if _, err := os.OpenFile(m.Path(), os.O_RDWR|os.O_TRUNC, 0); errnoOf(err) != unix.EPERM {
 		t.Errorf("O_TRUNC: %v, want EPERM", err)
 	}
-	if err := os.Chmod(m.Path(), 0o600); err != nil {
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v, want 0600", st.Mode().Perm())
+	}
+	if err := os.Chmod(m.Path(), 0o640); err != nil {
 		t.Errorf("chmod: %v", err)
-	} else if st, _ := os.Stat(m.Path()); st.Mode().Perm() != 0o600 {
+	} else if st, _ := os.Stat(m.Path()); st.Mode().Perm() != 0o640 {
 		t.Errorf("mode after chmod: %v", st.Mode())
 	}
 
@@ -192,19 +201,90 @@ func TestFileSemantics(t *testing.T) {
 	if !bytes.Equal(b.snapshot(), model) {
 		t.Error("backend differs from model after fallocate")
 	}
+}
 
-	// Shared writable mmap.
-	mem, err := unix.Mmap(fd, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-	if err != nil {
-		t.Fatalf("shared mmap: %v", err)
+// TestSharedMmap writes through shared writable mappings of the mounted
+// file. The mapping lives in a child process (runChild): faulting on it in
+// the serving test binary can deadlock against the Go garbage collector.
+// Meanwhile this process collects garbage without pause, which is what
+// turned that deadlock from rare into likely; the child must still finish
+// and its writes reach the backend.
+func TestSharedMmap(t *testing.T) {
+	const size = 4 << 20
+	b := newMemBackend(size)
+	m := mountT(t, b, &Options{Name: "vm.img"})
+	stop := make(chan struct{})
+	gcDone := make(chan struct{})
+	go func() {
+		defer close(gcDone)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				runtime.GC()
+			}
+		}
+	}()
+	model := make([]byte, size)
+	rng := rand.New(rand.NewPCG(7, 8))
+	for i := range 8 {
+		msg := fmt.Sprintf("written through mmap, round %d", i)
+		off := rng.Int64N(size - int64(len(msg)))
+		if i == 0 {
+			off = 4096 - 5 // straddles two pages
+		}
+		out, err := runChild(t, m, time.Minute, "mmap", "CHILD_OFF="+strconv.FormatInt(off, 10), "CHILD_DATA="+msg)
+		if err != nil {
+			close(stop)
+			<-gcDone
+			t.Fatalf("round %d: mmap child: %v\n%s", i, err, out)
+		}
+		copy(model[off:], msg)
 	}
-	copy(mem[4096:], "written through mmap")
-	if err := unix.Msync(mem, unix.MS_SYNC); err != nil {
-		t.Errorf("msync: %v", err)
+	close(stop)
+	<-gcDone
+	if !bytes.Equal(b.snapshot(), model) {
+		t.Error("mapped writes did not all reach the backend")
 	}
-	unix.Munmap(mem)
-	if !bytes.HasPrefix(b.snapshot()[4096:], []byte("written through mmap")) {
-		t.Error("mmap write did not reach the backend")
+}
+
+// TestModeAllowOther: with allow_other the file is still private (0600),
+// so another user cannot read the disk until it is chmod'ed.
+func TestModeAllowOther(t *testing.T) {
+	needTools(t, "head")
+	const nobody = 65534
+	b := newMemBackend(1 << 20)
+	b.WriteAt([]byte("secret"), 0)
+	m := mountT(t, b, &Options{AllowOther: true})
+	// Let the other user reach the mount point (t.TempDir makes 0700
+	// dirs; the mount's root itself is 0755).
+	for d := filepath.Dir(m.Dir()); d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	read := func() (string, error) {
+		cmd := command("head", "-c", "6", m.Path())
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(m.Path(), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode&0o7777 != 0o600 {
+		t.Errorf("mode %#o, want 0600", st.Mode&0o7777)
+	}
+	if out, err := read(); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Errorf("another user read the private disk: %q %v", out, err)
+	}
+	if err := os.Chmod(m.Path(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := read(); err != nil || out != "secret" {
+		t.Errorf("another user after chmod 0644: %q %v", out, err)
 	}
 }
 
@@ -212,6 +292,11 @@ func TestReadOnlyMount(t *testing.T) {
 	b := newMemBackend(1 << 20)
 	b.WriteAt([]byte("hello"), 0)
 	m := mountT(t, b, &Options{ReadOnly: true})
+	if st, err := os.Stat(m.Path()); err != nil {
+		t.Error(err)
+	} else if st.Mode().Perm() != 0o400 {
+		t.Errorf("read-only mode %v, want 0400", st.Mode().Perm())
+	}
 	for _, flag := range []int{os.O_RDWR, os.O_WRONLY} {
 		if _, err := os.OpenFile(m.Path(), flag, 0); errnoOf(err) != syscall.EROFS {
 			t.Errorf("open flag %d: %v, want EROFS", flag, err)
@@ -282,5 +367,54 @@ func TestParallelIO(t *testing.T) {
 	}
 	if err := f.Sync(); err != nil {
 		t.Error(err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for concurrent writers.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// TestCloseSendsNoFlush: the kernel is told (FOPEN_NOFLUSH) not to send a
+// FLUSH request on close, a request it would wait for uninterruptibly.
+func TestCloseSendsNoFlush(t *testing.T) {
+	var log syncBuffer
+	logger := slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	m := mountT(t, newMemBackend(1<<20), &Options{Debug: true, Logger: logger})
+	for range 3 {
+		f, err := os.OpenFile(m.Path(), os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt([]byte("x"), 0); err != nil {
+			t.Error(err)
+		}
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+	}
+	// go-fuse's own poll probe file at mount time (node ID 2^64-1) may
+	// see a FLUSH; the disk file must not.
+	out := log.String()
+	if !strings.Contains(out, "DIRECT,NOFLUSH") {
+		t.Fatalf("debug log shows no open answered with NOFLUSH:\n%s", out)
+	}
+	for line := range strings.Lines(out) {
+		if strings.Contains(line, ": FLUSH n") && !strings.Contains(line, "FLUSH n18446744073709551615 ") {
+			t.Errorf("close sent a FLUSH: %s", line)
+		}
 	}
 }

@@ -26,13 +26,16 @@ func init() {
 			"fsync on it makes every earlier write durable; fallocate --punch-hole frees space;\n" +
 			"SEEK_DATA/SEEK_HOLE and du reflect the image's allocation. The size is fixed\n" +
 			"(truncate fails with EPERM) and writes past the end fail with ENOSPC.\n\n" +
+			"NAME is mode 0600 (0400 read-only): only the mounting user may open it, also\n" +
+			"with --allow-other. To share the disk, chmod NAME deliberately; the mode lasts\n" +
+			"as long as the mount.\n\n" +
 			"Runs in the foreground. SIGINT, SIGTERM, `sparsedisk umount MOUNTPOINT` or\n" +
 			"`fusermount3 -u MOUNTPOINT` unmount it; the image is then flushed and closed clean.\n\n" +
 			"Example:\n   sparsedisk mount disk.img /mnt/disk &\n   losetup -f --show /mnt/disk/disk.img",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "open the image read-only; writes fail with EROFS"},
 			&cli.StringFlag{Name: "name", Usage: "file name inside the mount point (default: the image's file name)"},
-			&cli.BoolFlag{Name: "allow-other", Usage: "let other users access the mount (mode bits still apply)"},
+			&cli.BoolFlag{Name: "allow-other", Usage: "let other users see the mount; NAME stays mode 0600 until you chmod it"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it completes (slow)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every FUSE request"},
 		},
