@@ -2,17 +2,14 @@ package nbd
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
@@ -48,31 +45,8 @@ func faultTmpfs(t *testing.T, size string) string {
 // ends); stop checks that the server shut down cleanly.
 func faultServe(t *testing.T, exps ...Export) (addr string, stop func()) {
 	t.Helper()
-	s, err := NewServer(Config{}, exps...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(l) }()
-	var once sync.Once
-	stop = func() {
-		once.Do(func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			if err := s.Shutdown(ctx); err != nil {
-				t.Errorf("shutdown: %v", err)
-			}
-			if err := <-done; !errors.Is(err, ErrServerClosed) {
-				t.Errorf("Serve returned %v", err)
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return l.Addr().String(), stop
+	_, addr, stop = startServerStop(t, Config{}, exps...)
+	return addr, stop
 }
 
 // simple NBD requests over the test client, one at a time.

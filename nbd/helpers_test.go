@@ -135,6 +135,15 @@ func (m *memBackend) Extents(off, n int64) ([]blockif.Extent, error) {
 // startServer serves exps on a loopback port until the test ends.
 func startServer(t testing.TB, cfg Config, exps ...Export) (*Server, string) {
 	t.Helper()
+	s, addr, _ := startServerStop(t, cfg, exps...)
+	return s, addr
+}
+
+// startServerStop is startServer that also returns stop, which shuts the
+// server down and checks it closed cleanly; it runs at the end of the test
+// if the test did not call it.
+func startServerStop(t testing.TB, cfg Config, exps ...Export) (*Server, string, func()) {
+	t.Helper()
 	s, err := NewServer(cfg, exps...)
 	if err != nil {
 		t.Fatal(err)
@@ -145,17 +154,21 @@ func startServer(t testing.TB, cfg Config, exps ...Export) (*Server, string) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := s.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		if err := <-done; !errors.Is(err, ErrServerClosed) {
-			t.Errorf("Serve returned %v", err)
-		}
-	})
-	return s, l.Addr().String()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := s.Shutdown(ctx); err != nil {
+				t.Errorf("shutdown: %v", err)
+			}
+			if err := <-done; !errors.Is(err, ErrServerClosed) {
+				t.Errorf("Serve returned %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return s, l.Addr().String(), stop
 }
 
 // client is a hand-written NBD client for protocol tests. It speaks the
