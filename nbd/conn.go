@@ -265,28 +265,24 @@ func (t *transmission) idleRetry(err error) bool {
 // would make the server buffer every reply until the write timeout: the
 // limiter is released once a reply is queued, not once it is written, so
 // tiny READ requests could pile up gigabytes of queued read data. The
-// writer does not signal progress, so this polls, with a backoff capped at
-// 10 ms; it only waits while the client is not keeping up. It ends when
-// the writer drains the queue, which it always does: by writing, or by
-// dropping everything once a write failed or timed out.
+// writer wakes it each time it takes a batch, which it always does: by
+// writing, or by dropping everything once a write failed or timed out.
 func (t *transmission) waitBacklog(max int64) {
-	d := 100 * time.Microsecond
-	for t.c.out.backlog() > max {
-		time.Sleep(d)
-		d = min(2*d, 10*time.Millisecond)
+	q := &t.c.out
+	q.mu.Lock()
+	for q.queued > max {
+		q.cond().Wait()
 	}
+	q.mu.Unlock()
 }
 
-// backlog returns the bytes of replies queued and not yet taken by the
-// writer (the batch being written is not counted).
-func (q *replyQueue) backlog() int64 {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	var n int64
-	for _, b := range q.pending {
-		n += int64(len(b))
+// cond returns the condition the writer broadcasts when it takes the
+// queue; q.mu must be held.
+func (q *replyQueue) cond() *sync.Cond {
+	if q.drained.L == nil {
+		q.drained.L = &q.mu
 	}
-	return n
+	return &q.drained
 }
 
 // replyQueue collects whole replies for the connection's current writer
@@ -299,8 +295,10 @@ type replyQueue struct {
 	release  [][]byte    // pooled buffers to return once pending is written
 	spare    net.Buffers // recycled slices
 	spareRel [][]byte
-	writing  bool // a sender is writing; others only queue
-	failed   bool // a write failed; the connection is closed
+	writing  bool  // a sender is writing; others only queue
+	failed   bool  // a write failed; the connection is closed
+	queued   int64 // bytes in pending
+	drained  sync.Cond
 }
 
 // limiter bounds the requests (count and payload bytes) one connection has

@@ -177,6 +177,9 @@ func (t *transmission) send(bufs net.Buffers, release []byte) {
 	q := &t.c.out
 	q.mu.Lock()
 	q.pending = append(q.pending, bufs...)
+	for _, b := range bufs {
+		q.queued += int64(len(b))
+	}
 	if release != nil {
 		q.release = append(q.release, release)
 	}
@@ -188,6 +191,10 @@ func (t *transmission) send(bufs net.Buffers, release []byte) {
 	for len(q.pending) > 0 {
 		batch, rel := q.pending, q.release
 		q.pending, q.release = q.spare, q.spareRel
+		q.queued = 0
+		if q.drained.L != nil {
+			q.drained.Broadcast() // a reader may wait in waitBacklog
+		}
 		q.mu.Unlock()
 		if !q.failed {
 			_ = t.nc.SetWriteDeadline(time.Now().Add(t.c.s.cfg.WriteTimeout))
