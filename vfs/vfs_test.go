@@ -234,3 +234,34 @@ func TestOSPunchHoleReadsZeros(t *testing.T) {
 		t.Error("punched range does not read as zeros, or its neighbours changed")
 	}
 }
+
+// OS files split long writes into maxWriteChunk pieces (see its comment);
+// the split must be invisible: every length and offset stores exactly p.
+func TestOSWriteAtSplitsLongWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "f")
+	f := mustOpen(t, OS{}, path, os.O_RDWR|os.O_CREATE)
+	defer f.Close()
+	rng := rand.New(rand.NewPCG(7, 7))
+	want := make([]byte, 0, 1<<20)
+	for _, n := range []int{1, maxWriteChunk - 1, maxWriteChunk, maxWriteChunk + 1, 3*maxWriteChunk + 4097, 5} {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(rng.IntN(255) + 1)
+		}
+		got, err := f.WriteAt(p, int64(len(want)))
+		if err != nil || got != n {
+			t.Fatalf("WriteAt(%d bytes) = %d, %v", n, got, err)
+		}
+		want = append(want, p...)
+	}
+	if got := readAll(t, OS{}, path); !bytes.Equal(got, want) {
+		t.Fatalf("file holds %d bytes that differ from the %d written", len(got), len(want))
+	}
+	// A failing write reports the error and how much it stored (nothing,
+	// here: the file is open read-only).
+	ro := mustOpen(t, OS{}, path, os.O_RDONLY)
+	defer ro.Close()
+	if n, err := ro.WriteAt(make([]byte, 3*maxWriteChunk), 0); err == nil || n != 0 {
+		t.Fatalf("write to a read-only file = %d, %v; want 0 and an error", n, err)
+	}
+}
