@@ -25,8 +25,9 @@
 // without I/O. Writes take a range lock over the sectors they touch, merge
 // partial sectors with their current content (read-modify-write), write
 // allocated sectors in place, skip all-zero data for unallocated sectors,
-// and append new slots for the rest (one pwrite per run of consecutive
-// slots). A new sector's LUT entry becomes visible in memory only after its
+// and append new slots for the rest (one write per run of consecutive
+// slots, which the OS file system issues as pwrites of at most 64 KiB: see
+// vfs.OS for why). A new sector's LUT entry becomes visible in memory only after its
 // data is written, and reaches P.lut only in a later Flush, after the
 // segment holding it was fdatasynced:
 //

@@ -9,6 +9,7 @@ import (
 )
 
 // OS is the operating system's file system. The zero value is ready to use.
+// Its files write in pieces of at most 64 KiB (see maxWriteChunk).
 type OS struct{}
 
 var _ FS = OS{}
