@@ -68,6 +68,15 @@ func profileRows(ctx context.Context, res *results, out string) ([]*profileRepor
 	if _, err := exec.LookPath("perf"); err != nil {
 		return nil, fmt.Errorf("perf is not installed (Debian: linux-perf); no profile")
 	}
+	// Per-row profiles of an earlier run may belong to rows that now
+	// meet their targets: remove them so none is left unreferenced.
+	if old, err := filepath.Glob(filepath.Join(out, "profile-*.txt")); err == nil {
+		for _, f := range old {
+			if filepath.Base(f) != "profile-convert.txt" {
+				os.Remove(f)
+			}
+		}
+	}
 	reps := []*profileReport{}
 	r, err := profileRow(ctx, row, peer, ratio, out, "profile.txt")
 	if err != nil {
