@@ -102,8 +102,9 @@ func (r *Report) firstCorruption() string {
 // LUT) instead of failing.
 func Check(path string, o *Options) (*Report, error) {
 	oo := Options{ReadOnly: true, NoDirtyCheck: true}
+	var progress func(done, total int64)
 	if o != nil {
-		oo.FS, oo.Logger = o.FS, o.Logger
+		oo.FS, oo.Logger, progress = o.FS, o.Logger, o.Progress
 	}
 	fsys := oo.fs()
 	if fi, err := fsys.Stat(path); err == nil {
@@ -137,7 +138,11 @@ func Check(path string, o *Options) (*Report, error) {
 		return r, nil
 	}
 	defer d.Close()
-	return d.Check()
+	if err := d.enter(); err != nil {
+		return nil, err
+	}
+	defer d.leave()
+	return d.check(nil, progress)
 }
 
 // Check checks the open image: every LUT entry against its segment file,
@@ -149,12 +154,13 @@ func (d *Disk) Check() (*Report, error) {
 		return nil, err
 	}
 	defer d.leave()
-	return d.check(nil)
+	return d.check(nil, nil)
 }
 
 // check walks every segment; visit, if not nil, is called for each
-// segment's entries (a copy) and the file's slot count.
-func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64)) (*Report, error) {
+// segment's entries (a copy) and the file's slot count, progress (if not
+// nil) after each segment with the bytes of the disk covered so far.
+func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64), progress func(done, total int64)) (*Report, error) {
 	r := &Report{Image: d.path, Layout: d.desc.Layout}
 	if d.desc.Layout == LayoutRaw {
 		return r, nil
@@ -211,6 +217,9 @@ func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64)) (*Report, 
 		}
 		if visit != nil {
 			visit(s, e, fileSlots)
+		}
+		if progress != nil {
+			progress(min(int64(s.Index()+1)*d.desc.Split, d.desc.Size), d.desc.Size)
 		}
 	}
 	return r, nil

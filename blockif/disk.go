@@ -30,6 +30,10 @@ type Options struct {
 	// NoDirtyCheck skips the automatic check of an image whose descriptor
 	// says state = dirty (offline repair tools open such images on purpose).
 	NoDirtyCheck bool
+	// Progress, if not nil, is called by Check and CheckImage (only) as
+	// they walk a sparse image: with the bytes of the virtual disk checked
+	// so far and the disk size, ending with done == total.
+	Progress func(done, total int64)
 }
 
 func (o *Options) fs() vfs.FS {
@@ -326,7 +330,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 		return fmt.Errorf("%w: %s has an unfinished offline operation (%s); run `sparsedisk check -r all %s` or repeat the operation", ErrInvalid, d.path, desc.Intent, d.path)
 	}
 	if desc.State == StateDirty && !(o != nil && o.NoDirtyCheck) {
-		rep, err := d.check(nil)
+		rep, err := d.check(nil, nil)
 		if err != nil {
 			return fmt.Errorf("check of dirty image %s: %w", d.path, err)
 		}

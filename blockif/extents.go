@@ -109,7 +109,7 @@ func (d *Disk) Stats() (Stats, error) {
 			f.Close()
 		}
 	}
-	r, err := d.check(nil)
+	r, err := d.check(nil, nil)
 	if err != nil {
 		return st, err
 	}

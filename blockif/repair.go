@@ -262,7 +262,7 @@ func (rp *repairer) files() error {
 				return err
 			}
 			from := fi.Size() / lut.EntrySize * lut.EntrySize
-			err = fillFF(f, from, want)
+			err = fillFF(f, from, want, nil)
 			if err == nil {
 				err = f.Sync()
 			}

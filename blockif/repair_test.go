@@ -2,6 +2,7 @@ package blockif
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -249,5 +250,27 @@ func TestCheckListsEveryStructuralProblem(t *testing.T) {
 	}
 	if _, err := Check(filepath.Join(t.TempDir(), "absent.img"), nil); err == nil {
 		t.Error("a missing image must fail the check itself")
+	}
+}
+
+// TestCheckProgress: Check reports progress once per segment, growing,
+// in bytes of the virtual disk, ending at its size (the last segment is
+// shorter than the others here).
+func TestCheckProgress(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 3*(64<<10) + 8192, Split: 64 << 10, SectorSize: 4096}
+	path := testImage(t, p, nil, false)
+	var got []int64
+	r, err := Check(path, &Options{Progress: func(done, total int64) {
+		if total != p.Size {
+			t.Errorf("progress total %d, want the disk size %d", total, p.Size)
+		}
+		got = append(got, done)
+	}})
+	if err != nil || !r.Clean() {
+		t.Fatalf("Check = %+v, %v", r, err)
+	}
+	want := []int64{64 << 10, 128 << 10, 192 << 10, p.Size}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("progress calls %v, want %v", got, want)
 	}
 }

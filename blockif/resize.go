@@ -21,6 +21,18 @@ type ResizeOptions struct {
 	AllowShrink bool
 	// Force drops allocated data past the new end instead of refusing.
 	Force bool
+	// Progress, if not nil, is called from time to time with the bytes of
+	// work done and the total: LUT bytes written when growing a sparse
+	// image, bytes scanned for data past the new end when shrinking. It is
+	// called from the goroutine running Resize and ends with done == total.
+	Progress func(done, total int64)
+}
+
+// report calls o.Progress if set.
+func (o *ResizeOptions) report(done, total int64) {
+	if o.Progress != nil {
+		o.Progress(done, total)
+	}
 }
 
 // ResizeReport tells what Resize did.
@@ -122,12 +134,12 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	case newSize == desc.Size:
 		return rep, nil
 	case newSize > desc.Size:
-		return rep, grow(fsys, path, desc, np, lock)
+		return rep, grow(fsys, path, desc, np, lock, o)
 	}
 	if !o.AllowShrink {
 		return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, desc.Size)
 	}
-	if err := findDataPastEnd(fsys, path, desc.Params, newSize, rep); err != nil {
+	if err := findDataPastEnd(fsys, path, desc.Params, newSize, rep, o); err != nil {
 		return nil, err
 	}
 	if rep.FirstDropped >= 0 && !o.Force {
@@ -146,7 +158,7 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 }
 
 // grow adds segment files and LUT entries for np, then commits np.
-func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLock) error {
+func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLock, o *ResizeOptions) error {
 	old := desc.Params
 	if err := lock.setIntent(&desc, IntentResize); err != nil {
 		return err
@@ -185,7 +197,7 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLoc
 		if err != nil {
 			return fmt.Errorf("open LUT: %w", err)
 		}
-		err = fillFF(f, old.Sectors()*lut.EntrySize, np.Sectors()*lut.EntrySize)
+		err = fillFF(f, old.Sectors()*lut.EntrySize, np.Sectors()*lut.EntrySize, o.report)
 		if err == nil {
 			err = f.Sync()
 		}
@@ -203,8 +215,9 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLoc
 	return lock.write(desc) // commit
 }
 
-// fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f.
-func fillFF(f vfs.File, from, to int64) error {
+// fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f,
+// telling progress (if not nil) how many bytes it wrote.
+func fillFF(f vfs.File, from, to int64, progress func(done, total int64)) error {
 	buf := make([]byte, min(to-from, 1<<20))
 	for i := range buf {
 		buf[i] = 0xFF
@@ -215,6 +228,9 @@ func fillFF(f vfs.File, from, to int64) error {
 			return fmt.Errorf("offset %d: %w", off, err)
 		}
 		off += c
+		if progress != nil {
+			progress(off-from, to-from)
+		}
 	}
 	return nil
 }
@@ -244,7 +260,7 @@ func truncateFile(fsys vfs.FS, name string, size int64, onlyGrow bool) error {
 }
 
 // findDataPastEnd records in rep the data that lies at or past newSize.
-func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport) error {
+func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
 	ss := p.SectorSize
 	if p.Layout == LayoutSparse {
 		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDONLY, 0)
@@ -254,11 +270,14 @@ func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *Res
 		defer f.Close()
 		perSeg := p.Split / ss
 		from := newSize / ss
-		for i := int(from / perSeg); i < p.Segments(); i++ {
+		first := int(from / perSeg)
+		for i := first; i < p.Segments(); i++ {
 			e, err := readEntries(f, p, i)
 			if err != nil {
 				return err
 			}
+			base := int64(first) * perSeg
+			o.report((min(int64(i+1)*perSeg, p.Sectors())-base)*lut.EntrySize, (p.Sectors()-base)*lut.EntrySize)
 			for j, v := range e {
 				sec := int64(i)*perSeg + int64(j)
 				if sec >= from && v != lut.Unallocated {
@@ -289,6 +308,7 @@ func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *Res
 			}
 		}
 		off += c
+		o.report(off-newSize, p.Size-newSize)
 	}
 	return nil
 }
@@ -428,7 +448,7 @@ func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (
 			return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, cur)
 		}
 		p := Params{Layout: LayoutSplit, Size: cur, Split: cur, SectorSize: 512}
-		if err := findDataPastEndRaw(fsys, path, p, newSize, rep); err != nil {
+		if err := findDataPastEndRaw(fsys, path, p, newSize, rep, o); err != nil {
 			return nil, err
 		}
 		if rep.FirstDropped >= 0 && !o.Force {
@@ -443,7 +463,7 @@ func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (
 }
 
 // findDataPastEndRaw is findDataPastEnd for one plain file.
-func findDataPastEndRaw(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport) error {
+func findDataPastEndRaw(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
 	buf := make([]byte, 1<<20)
 	for off := newSize; off < p.Size; {
 		c := min(int64(len(buf)), p.Size-off)
@@ -461,6 +481,7 @@ func findDataPastEndRaw(fsys vfs.FS, path string, p Params, newSize int64, rep *
 			s = e
 		}
 		off += c
+		o.report(off-newSize, p.Size-newSize)
 	}
 	return nil
 }

@@ -196,3 +196,65 @@ func TestResizeGrowCrash(t *testing.T) {
 		t.Logf("%s: crashed at each of %d I/O steps of grow; sizes after recovery %v", layout, n+1, sizes)
 	}
 }
+
+// TestResizeProgress checks that every long phase of a resize reports
+// progress that only grows and ends complete: the LUT extension of a grow
+// (more than one 1 MiB write), the scan of a shrink, for sparse, split and
+// raw images.
+func TestResizeProgress(t *testing.T) {
+	type call struct{ done, total int64 }
+	check := func(t *testing.T, what string, calls []call, wantTotal int64) {
+		t.Helper()
+		if len(calls) == 0 {
+			t.Fatalf("%s: Progress was never called", what)
+		}
+		for i, c := range calls {
+			if c.total != wantTotal || c.done < 0 || c.done > c.total || (i > 0 && c.done < calls[i-1].done) {
+				t.Fatalf("%s: call %d = %d/%d (want total %d, done growing)", what, i, c.done, c.total, wantTotal)
+			}
+		}
+		if last := calls[len(calls)-1]; last.done != last.total {
+			t.Fatalf("%s: last call %d/%d, want complete", what, last.done, last.total)
+		}
+	}
+	record := func(calls *[]call) *ResizeOptions {
+		return &ResizeOptions{AllowShrink: true, Progress: func(done, total int64) { *calls = append(*calls, call{done, total}) }}
+	}
+	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
+		t.Run(string(layout), func(t *testing.T) {
+			p := Params{Layout: layout, Size: 1 << 20, Split: 1 << 20, SectorSize: 512}
+			path := testImage(t, p, nil, false)
+			var calls []call
+			newSize := int64(1<<30) + 3<<20 // 2 Mi + 6 Ki LUT entries: 8 MiB+ of LUT
+			if _, err := Resize(path, newSize, record(&calls)); err != nil {
+				t.Fatal(err)
+			}
+			if layout == LayoutSparse {
+				check(t, "grow", calls, (newSize-p.Size)/512*lut.EntrySize)
+				if len(calls) < 2 {
+					t.Fatalf("grow reported %d times for 8 MiB of LUT", len(calls))
+				}
+			}
+			calls = nil
+			if _, err := Resize(path, 64<<20, record(&calls)); err != nil {
+				t.Fatal(err)
+			}
+			want := newSize - 64<<20 // split: bytes scanned
+			if layout == LayoutSparse {
+				want = (newSize - 64<<20) / 512 * lut.EntrySize // LUT bytes of the segments past the new end
+			}
+			check(t, "shrink", calls, want)
+		})
+	}
+	t.Run("raw", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "raw.img")
+		if err := os.WriteFile(path, make([]byte, 3<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		var calls []call
+		if _, err := Resize(path, 1<<20, record(&calls)); err != nil {
+			t.Fatal(err)
+		}
+		check(t, "raw shrink", calls, 2<<20)
+	})
+}

@@ -78,7 +78,9 @@ func checkAction(c *cli.Context) error {
 	}
 	quiet := fl.on("quiet")
 	w := c.App.Writer
-	r, err := blockif.CheckImage(path, nil)
+	progress, done := progressFor(c, !quiet && output == "human", "check")
+	r, err := blockif.CheckImage(path, &blockif.Options{Progress: progress})
+	done()
 	if err != nil {
 		return cli.Exit(fmt.Sprintf("could not check %s: %v", path, err), exitCannot)
 	}
@@ -90,7 +92,10 @@ func checkAction(c *cli.Context) error {
 			return cli.Exit(fmt.Sprintf("repair %s: %v", path, err), exitCannot)
 		}
 		doc.Repair = rep
-		if doc.After, err = blockif.CheckImage(path, nil); err != nil {
+		progress, done := progressFor(c, !quiet && output == "human", "check after repair")
+		doc.After, err = blockif.CheckImage(path, &blockif.Options{Progress: progress})
+		done()
+		if err != nil {
 			return cli.Exit(fmt.Sprintf("could not check %s after repair: %v", path, err), exitCannot)
 		}
 		final = doc.After

@@ -15,7 +15,8 @@ func init() {
 		Description: "SIZE is absolute (20G), +N grows by N, -N shrinks by N (k/m/g/t/p suffixes).\n" +
 			"Growing adds segment files and LUT entries; the descriptor's new size is written last,\n" +
 			"so an interrupted grow leaves the old size. Shrinking needs --shrink and refuses while\n" +
-			"allocated data lies past the new end, naming the first such sector, unless --force.\n\n" +
+			"allocated data lies past the new end, naming the first such sector, unless --force.\n" +
+			"On a terminal a progress bar shows the LUT extension and the scan (--quiet hides it).\n\n" +
 			"Examples:\n   sparsedisk resize disk.img +10G\n   sparsedisk resize disk.img -2G --shrink",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "shrink", Aliases: []string{"s"}, Usage: "allow making the disk smaller"},
@@ -45,7 +46,13 @@ func resizeAction(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("resize %s: %w", path, err)
 	}
-	rep, err := blockif.Resize(path, size, &blockif.ResizeOptions{AllowShrink: fl.on("shrink"), Force: fl.on("force")})
+	what := "resize: extend LUT"
+	if size < cur {
+		what = "resize: scan past new end"
+	}
+	progress, done := progressFor(c, !fl.on("quiet"), what)
+	rep, err := blockif.Resize(path, size, &blockif.ResizeOptions{AllowShrink: fl.on("shrink"), Force: fl.on("force"), Progress: progress})
+	done()
 	if err != nil {
 		return fmt.Errorf("resize %s: %w", path, err)
 	}
