@@ -381,6 +381,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 			delete(s.conns, c)
 			s.mu.Unlock()
 		}()
+		tuneLoopback(nc)
 		c.serve()
 	}()
 }

@@ -1,0 +1,94 @@
+package nbd
+
+import (
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+func congestion(t *testing.T, c net.Conn) string {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var name string
+	var gerr error
+	if err := rc.Control(func(fd uintptr) {
+		name, gerr = unix.GetsockoptString(int(fd), syscall.IPPROTO_TCP, unix.TCP_CONGESTION)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return strings.TrimRight(name, "\x00")
+}
+
+// acceptedPair returns the server end of a new TCP connection to ip.
+func acceptedPair(t *testing.T, ip string) net.Conn {
+	t.Helper()
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	cc, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	sc, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sc.Close() })
+	return sc
+}
+
+// TestTuneLoopback: connections between loopback addresses get
+// loopbackCongestion (when the kernel offers it); others keep the system
+// default.
+func TestTuneLoopback(t *testing.T) {
+	def, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	avail, err := os.ReadFile("/proc/sys/net/ipv4/tcp_available_congestion_control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.TrimSpace(string(def))
+	if slices.Contains(strings.Fields(string(avail)), loopbackCongestion) {
+		want = loopbackCongestion
+	}
+	sc := acceptedPair(t, "127.0.0.1")
+	if got := congestion(t, sc); got != strings.TrimSpace(string(def)) {
+		t.Fatalf("a new connection uses %q, not the system default %q", got, def)
+	}
+	tuneLoopback(sc)
+	if got := congestion(t, sc); got != want {
+		t.Fatalf("loopback connection after tuneLoopback uses %q, want %q (available: %s)", got, want, avail)
+	}
+
+	// A connection to one of this host's other addresses is not touched.
+	addrs, _ := net.InterfaceAddrs()
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok || ipn.IP.IsLoopback() || ipn.IP.To4() == nil {
+			continue
+		}
+		sc := acceptedPair(t, ipn.IP.String())
+		tuneLoopback(sc)
+		if got := congestion(t, sc); got != strings.TrimSpace(string(def)) {
+			t.Fatalf("connection over %s uses %q after tuneLoopback, want the default %q", ipn.IP, got, def)
+		}
+		return
+	}
+	t.Log("no non-loopback IPv4 address on this host: only the loopback case was checked")
+}
