@@ -15,10 +15,11 @@ import (
 type RepairMode string
 
 const (
-	// RepairLeaks reclaims leaked slots (punches them) and nothing else.
+	// RepairLeaks finishes an interrupted offline operation, then
+	// reclaims leaked slots (punches them) and nothing else.
 	RepairLeaks RepairMode = "leaks"
 	// RepairAll also repairs corruption, losing as little data as
-	// possible, and finishes an interrupted offline operation.
+	// possible.
 	RepairAll RepairMode = "all"
 )
 
@@ -100,9 +101,10 @@ func CheckImage(path string, o *Options) (*Report, error) {
 	return r, nil
 }
 
-// Repair fixes the image at path under an exclusive lock. RepairLeaks
-// punches slots no LUT entry references. RepairAll also: finishes an
-// interrupted offline operation; recreates missing segment files; moves
+// Repair fixes the image at path under an exclusive lock. Both modes first
+// finish an interrupted offline operation (shrink, resize), as opening for
+// writing would. RepairLeaks then punches slots no LUT entry references.
+// RepairAll also: recreates missing segment files; moves
 // segment files beyond the geometry aside (renamed *.orphaned, data kept);
 // fixes the LUT's length; gives each sector that shares a slot its own copy
 // (so every sector still reads what it read before); unmaps entries that
@@ -139,7 +141,11 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 		return nil, err
 	}
 	all := mode == RepairAll
-	if desc.Intent != "" && all {
+	// An interrupted offline operation is finished first in both modes:
+	// until then the LUT may not describe the segments (a shrink that
+	// stopped after moving slots has its live data in slots the old LUT
+	// does not reference), so what looks like a leak may be live data.
+	if desc.Intent != "" {
 		if err := finishIntent(fsys, path, desc, lock.write); err != nil {
 			return nil, err
 		}

@@ -291,9 +291,14 @@ func TestShrinkCrash(t *testing.T) {
 				t.Fatalf("k=%d: shrink: %v", k, err)
 			}
 			after := m.Crash(rng)
-			if k%2 == 1 { // recovery by a repeated shrink rather than by Open
+			switch k % 3 {
+			case 1: // recovery by a repeated shrink rather than by Open
 				if _, err := Shrink(path, &ShrinkOptions{FS: after}); err != nil {
 					t.Fatalf("seed %d k=%d: shrink after crash: %v", seed, k, err)
+				}
+			case 2: // by `check -r leaks`, which must not take moved live slots for leaks
+				if _, err := Repair(path, RepairLeaks, &Options{FS: after}); err != nil {
+					t.Fatalf("seed %d k=%d: repair leaks after crash: %v", seed, k, err)
 				}
 			}
 			d, err := Open(path, &Options{FS: after})
