@@ -87,6 +87,27 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 			}
 		}
 	}
+	// Replacing an existing dst: lock it like any writer would, so an
+	// image or file that a server or another tool has open is refused
+	// rather than swapped under it, and remember whether it is a
+	// sparsedisk image (whose segment and LUT files go with it) or a
+	// plain file (only dst itself goes; files that merely share its name
+	// as a prefix are not ours to delete).
+	oldImage := false
+	if fi, err := fsys.Stat(dst); err == nil {
+		l, err := lockOffline(fsys, dst, true)
+		if err != nil {
+			return nil, fmt.Errorf("replace %s: %w", dst, err)
+		}
+		defer l.Close()
+		if fi.Size() <= maxDescriptor {
+			if _, err := ReadDescriptor(fsys, dst); err == nil {
+				oldImage = true
+			}
+		}
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
 	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".converting")
 	if err := removeImageFiles(fsys, tmp); err != nil {
 		return nil, err
@@ -112,7 +133,7 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := installImage(fsys, tmp, dst, p); err != nil {
+	if err := installImage(fsys, tmp, dst, p, oldImage); err != nil {
 		return nil, err
 	}
 	ok = true
@@ -299,10 +320,18 @@ func removeImageFiles(fsys vfs.FS, path string) error {
 }
 
 // installImage renames the finished image tmp to dst: an existing dst is
-// removed descriptor first (so it never looks whole with mixed files), and
-// the new descriptor is renamed last.
-func installImage(fsys vfs.FS, tmp, dst string, p Params) error {
-	if err := removeImageFiles(fsys, dst); err != nil {
+// removed descriptor first (so it never looks whole with mixed files),
+// with its segments and LUT if oldImage, and the new descriptor is renamed
+// last.
+func installImage(fsys vfs.FS, tmp, dst string, p Params, oldImage bool) error {
+	remove := removeImageFiles
+	if !oldImage {
+		remove = func(fsys vfs.FS, name string) error {
+			_, err := removeIfExists(fsys, name)
+			return err
+		}
+	}
+	if err := remove(fsys, dst); err != nil {
 		return fmt.Errorf("remove old %s: %w", dst, err)
 	}
 	if p.Layout != LayoutRaw {

@@ -129,6 +129,38 @@ func TestConvertRefusesAndOverwrites(t *testing.T) {
 	if _, err := Convert(src, filepath.Join(dir, "bad.img"), &ConvertOptions{SectorSize: 65536}); !errors.Is(err, ErrInvalid) {
 		t.Errorf("size not a multiple of the sector size: %v", err)
 	}
+
+	// An image open for writing (a server, a mount) is not replaced under
+	// its writer.
+	d := mustOpen(t, dst, nil)
+	before = fileDigest(t, dir)
+	if _, err := Convert(src, dst, &ConvertOptions{Overwrite: true, Split: 16 << 10}); !errors.Is(err, ErrInUse) {
+		t.Fatalf("overwrite of an image in use: %v, want ErrInUse", err)
+	}
+	sameDigest(t, "refused overwrite of an image in use", before, fileDigest(t, dir))
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Replacing a plain file removes that file only, not files that
+	// merely share its name as a prefix.
+	plain := filepath.Join(dir, "q.raw")
+	for _, name := range []string{plain, plain + ".0000", plain + ".lut", plain + ".tmp"} {
+		if err := os.WriteFile(name, []byte("keep "+name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := Convert(dst, plain, &ConvertOptions{Overwrite: true, Layout: LayoutRaw}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(plain); !bytes.Equal(got, want) {
+		t.Fatal("overwritten plain file has the wrong content")
+	}
+	for _, name := range []string{plain + ".0000", plain + ".lut", plain + ".tmp"} {
+		if got, err := os.ReadFile(name); err != nil || string(got) != "keep "+name {
+			t.Errorf("%s was removed or changed by convert --overwrite of %s: %v", name, plain, err)
+		}
+	}
 }
 
 // TestConvertCrash interrupts a convert at every I/O step: afterwards
@@ -156,13 +188,19 @@ func TestConvertCrash(t *testing.T) {
 		for k := int64(0); k <= n; k++ {
 			m := base.Crash(rng)
 			m.SetCrashAfter(k)
-			_, err := Convert(src, dst, &ConvertOptions{FS: m, Layout: layout, Workers: 1})
-			if err != nil && !errors.Is(err, vfs.ErrCrashed) {
-				t.Fatalf("k=%d: %v", k, err)
+			_, convErr := Convert(src, dst, &ConvertOptions{FS: m, Layout: layout, Workers: 1})
+			if convErr != nil && !errors.Is(convErr, vfs.ErrCrashed) {
+				t.Fatalf("k=%d: %v", k, convErr)
 			}
 			after := m.Crash(rng)
 			if _, err := after.Stat(dst); err != nil {
-				continue // no image: fine
+				if convErr == nil || k == n {
+					// Convert reported success (or would have: the
+					// crash came after its last step), so the image
+					// must have been durable.
+					t.Fatalf("%s k=%d: convert succeeded but after the crash there is no image: %v", layout, k, err)
+				}
+				continue // interrupted: no image is fine
 			}
 			whole++
 			got := content(t, dst, after)
