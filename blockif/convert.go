@@ -170,6 +170,13 @@ func convertParams(in *Disk, o *ConvertOptions) (Params, error) {
 		}
 	}
 	if err := p.Validate(); err != nil {
+		if sp.Layout == LayoutRaw && p.Size%p.SectorSize != 0 {
+			// Every layout but raw needs whole sectors; say how to get them.
+			up := (p.Size + p.SectorSize - 1) / p.SectorSize * p.SectorSize
+			return p, fmt.Errorf("destination: %w; the source is %d bytes, not a whole number of %d-byte sectors: "+
+				"pad it first with `truncate -s %d %s` (the %d bytes added read as zeros)",
+				err, p.Size, p.SectorSize, up, in.Path(), up-p.Size)
+		}
 		return p, fmt.Errorf("destination: %w", err)
 	}
 	return p, nil

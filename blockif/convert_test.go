@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/vfs"
@@ -126,8 +127,9 @@ func TestConvertRefusesAndOverwrites(t *testing.T) {
 	if b, _ := os.ReadFile(src); !bytes.Equal(b, want) {
 		t.Error("source changed")
 	}
-	if _, err := Convert(src, filepath.Join(dir, "bad.img"), &ConvertOptions{SectorSize: 65536}); !errors.Is(err, ErrInvalid) {
-		t.Errorf("size not a multiple of the sector size: %v", err)
+	if _, err := Convert(src, filepath.Join(dir, "bad.img"), &ConvertOptions{SectorSize: 65536}); !errors.Is(err, ErrInvalid) ||
+		!strings.Contains(err.Error(), "truncate -s 131072 "+src) {
+		t.Errorf("size not a multiple of the sector size: %v, want ErrInvalid and how to pad the source", err)
 	}
 
 	// An image open for writing (a server, a mount) is not replaced under

@@ -86,6 +86,14 @@ func checkAction(c *cli.Context) error {
 	}
 	doc := checkJSON{Image: path, Check: r}
 	final := r
+	if r.Layout == "" && !r.Clean() && mode != "" {
+		// The descriptor does not parse: without the geometry nothing
+		// can be repaired safely, and guessing it could destroy data.
+		if !quiet && output == "human" {
+			printCheck(w, r)
+		}
+		return cli.Exit(fmt.Sprintf("%s: cannot repair: %s", path, badDescriptorHint(path)), exitCorruption)
+	}
 	if mode != "" && !r.Clean() {
 		rep, err := blockif.Repair(path, mode, nil)
 		if err != nil {
@@ -136,6 +144,9 @@ func checkAction(c *cli.Context) error {
 	}
 	switch doc.ExitCode {
 	case exitCorruption:
+		if final.Layout == "" {
+			return cli.Exit(fmt.Sprintf("%s: %d corruption(s) found; %s", path, final.Corruptions, badDescriptorHint(path)), exitCorruption)
+		}
 		return cli.Exit(fmt.Sprintf("%s: %d corruption(s) found; `sparsedisk check -r all %s` repairs them", path, final.Corruptions, path), exitCorruption)
 	case exitLeaks:
 		return cli.Exit(fmt.Sprintf("%s: %d leaked slot(s); `sparsedisk check -r leaks` or `shrink` reclaims them", path, final.LeakedSlots), exitLeaks)
@@ -143,9 +154,21 @@ func checkAction(c *cli.Context) error {
 	return nil
 }
 
+// badDescriptorHint tells what to do about a descriptor that does not
+// parse (check cannot repair it: the geometry is unknown).
+func badDescriptorHint(path string) string {
+	return fmt.Sprintf("the descriptor %s does not parse, so the image's geometry is unknown: it is a small text file, "+
+		"fix the line named above by hand, or move it aside and run `sparsedisk adopt %s size=… split=… sectorsize=…` "+
+		"with the original values (adopt verifies them against the segments and the LUT)", path, path)
+}
+
 func printCheck(w io.Writer, r *blockif.Report) {
 	for _, f := range r.Findings {
 		fmt.Fprintf(w, "  %s\n", f)
+	}
+	if r.Layout == "" && !r.Clean() {
+		fmt.Fprintf(w, "%s: %d corruption(s) (descriptor unreadable)\n", r.Image, r.Corruptions)
+		return
 	}
 	if r.Clean() {
 		fmt.Fprintf(w, "%s: no errors found (%s layout", r.Image, r.Layout)

@@ -100,3 +100,34 @@ func TestCheckExitCodes(t *testing.T) {
 		t.Errorf("bad -r: exit %d, want 1", code)
 	}
 }
+
+// TestCheckUnparseableDescriptor: a descriptor that does not parse is
+// corruption (exit 2) that -r all cannot repair without the geometry; both
+// say how to recover (fix by hand, or adopt) and change nothing.
+func TestCheckUnparseableDescriptor(t *testing.T) {
+	path := makeImage(t)
+	desc, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := strings.Replace(string(desc), "split = 16777216", "split = 16777000", 1)
+	if bad == string(desc) {
+		t.Fatalf("descriptor has no split line to break:\n%s", desc)
+	}
+	if err := os.WriteFile(path, []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := imageDigest(t, path)
+	for _, args := range [][]string{{"check", path}, {"check", path, "-r", "all"}, {"check", path, "-r", "leaks"}} {
+		out, errs, code := sdRun(t, args...)
+		if code != 2 || !strings.Contains(errs, "sparsedisk adopt") || strings.Contains(errs, "repairs them") {
+			t.Errorf("%v: exit %d, want 2 with the adopt hint and no promise of repair\n%s%s", args, code, out, errs)
+		}
+		if !strings.Contains(out, "descriptor unreadable") || strings.Contains(out, "( layout") {
+			t.Errorf("%v: summary line does not say the descriptor is unreadable:\n%s", args, out)
+		}
+	}
+	if imageDigest(t, path) != before {
+		t.Fatal("check of an image with a broken descriptor changed it")
+	}
+}
