@@ -1,11 +1,15 @@
 package blockif
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // TestBadInput: each broken image gives a clear error naming the file,
@@ -162,4 +166,52 @@ func replaceIn(path, old, new string) error {
 		return errors.New("pattern not found: " + old)
 	}
 	return os.WriteFile(path, []byte(strings.Replace(string(data), old, new, 1)), 0o644)
+}
+
+// TestDirtyCorruptRefused: an image left dirty (not closed cleanly) is
+// checked on open; corruption found then refuses a writer (which would
+// build on it) and only warns a reader, naming the first problem.
+func TestDirtyCorruptRefused(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}
+	path := testImageNoCheck(t, p)
+	d := mustOpen(t, path, nil)
+	if _, err := d.WriteAt(bytes.Repeat([]byte{9}, 8192), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	desc, err := ReadDescriptor(nil, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc.State = StateDirty
+	if err := WriteDescriptor(nil, path, desc); err != nil {
+		t.Fatal(err)
+	}
+	// Sector 7's entry points far past the end of the 2-slot segment.
+	f, err := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{0xe8, 0x03, 0, 0}, 7*lut.EntrySize); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+
+	if _, err := Open(path, nil); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "check -r all") {
+		t.Fatalf("writable open of a dirty, corrupt image: %v, want ErrCorrupt with the repair command", err)
+	}
+	var logs bytes.Buffer
+	r, err := Open(path, &Options{ReadOnly: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatalf("read-only open of a dirty, corrupt image: %v, want it to open with a warning", err)
+	}
+	r.Close()
+	if !strings.Contains(logs.String(), "not closed cleanly") || !strings.Contains(logs.String(), "corruptions=1") {
+		t.Fatalf("read-only open logged %q, want the dirty-image warning with 1 corruption", logs.String())
+	}
+	if desc, _ := ReadDescriptor(nil, path); desc.State != StateDirty {
+		t.Fatalf("refused opens changed the state to %q", desc.State)
+	}
 }

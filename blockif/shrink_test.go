@@ -151,6 +151,12 @@ func TestShrinkFragmented(t *testing.T) {
 				if before.Fragments == 0 || before.LeakedSlots == 0 {
 					t.Fatalf("workload made no fragments (%d) or leaks (%d)", before.Fragments, before.LeakedSlots)
 				}
+				d = mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+				st0, err := d.Stats()
+				d.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
 				dry, err := Shrink(path, &ShrinkOptions{FS: fsys, DryRun: true})
 				if err != nil {
 					t.Fatalf("dry run: %v", err)
@@ -174,6 +180,14 @@ func TestShrinkFragmented(t *testing.T) {
 				}
 				if st.Fragments != 0 || st.LeakedSlots != 0 {
 					t.Errorf("after shrink: fragments %d, leaked slots %d; want 0, 0", st.Fragments, st.LeakedSlots)
+				}
+				// The reported bytes are what the segments and the LUT
+				// occupy (as du counts them; OnDiskBytes adds the
+				// descriptor, which shrink leaves alone) before and after.
+				if rep.BytesBefore-rep.BytesAfter != st0.OnDiskBytes-st.OnDiskBytes || rep.BytesAfter >= rep.BytesBefore ||
+					st.OnDiskBytes < rep.BytesAfter || st.OnDiskBytes > rep.BytesAfter+4096 {
+					t.Errorf("shrink reports %d -> %d bytes on disk; the image occupied %d before and %d after",
+						rep.BytesBefore, rep.BytesAfter, st0.OnDiskBytes, st.OnDiskBytes)
 				}
 				if st.AllocatedBytes != rep.LiveBytes {
 					t.Errorf("allocated %d, shrink kept %d live bytes", st.AllocatedBytes, rep.LiveBytes)
@@ -407,5 +421,66 @@ func TestOfflineLock(t *testing.T) {
 	lock.Close()
 	if err := FinishIntent(path, nil); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestShrinkTempSpace: shrink needs at most one segment of extra space
+// (one compacted copy at a time, plus its small journal). The image's
+// directory is measured (allocated blocks, as du counts) at every progress
+// report, which comes after each chunk of the copy.
+func TestShrinkTempSpace(t *testing.T) {
+	// Segments large enough that each compacted copy spans several
+	// shrinkChunk writes, filled out of order with holes punched after.
+	p := Params{Layout: LayoutSparse, Size: 3 * (4 << 20), Split: 4 << 20, SectorSize: 4096}
+	path := testImage(t, p, nil, false)
+	d := mustOpen(t, path, nil)
+	rng := rand.New(rand.NewPCG(11, 11))
+	for _, blk := range rng.Perm(int(p.Size / (64 << 10))) {
+		if rng.IntN(4) == 0 {
+			continue
+		}
+		if _, err := d.WriteAt(randBytes(rng, 64<<10), int64(blk)*(64<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 40; i++ {
+		if err := d.Trim(rng.Int64N(p.Size/4096-8)*4096, 8*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dirBytes := func() int64 {
+		ents, err := os.ReadDir(filepath.Dir(path))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int64
+		for _, e := range ents {
+			fi, err := e.Info()
+			if err != nil {
+				continue // renamed away meanwhile
+			}
+			n += fi.Sys().(*syscall.Stat_t).Blocks * 512
+		}
+		return n
+	}
+	base := dirBytes()
+	var peak int64
+	reports := 0
+	rep, err := Shrink(path, &ShrinkOptions{Progress: func(done, total int64) {
+		reports++
+		peak = max(peak, dirBytes()-base)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reports == 0 || rep.Compacted == 0 || peak < shrinkChunk {
+		t.Fatalf("shrink compacted %d segments, %d progress reports saw at most %d extra bytes: the measurement missed the copies", rep.Compacted, reports, peak)
+	}
+	t.Logf("%d segments compacted, peak extra space %d bytes (segment %d)", rep.Compacted, peak, p.Split)
+	if limit := p.Split + 64<<10; peak > limit {
+		t.Fatalf("shrink used %d bytes of extra space, more than one segment (%d) plus 64 KiB", peak, p.Split)
 	}
 }
