@@ -30,7 +30,27 @@ func init() {
 // infoJSON is the --output=json form of info.
 type infoJSON struct {
 	Image string `json:"image"`
+	// Unfinished names an interrupted offline operation (shrink, resize)
+	// recorded in the descriptor; until it is finished the other figures
+	// may describe a half-done state.
+	Unfinished string `json:"unfinished,omitempty"`
 	blockif.Stats
+}
+
+// unfinishedOp returns the interrupted offline operation recorded in the
+// descriptor at path, or "" (also for raw images and unreadable ones).
+func unfinishedOp(path string) string {
+	desc, err := blockif.ReadDescriptor(nil, path)
+	if err != nil {
+		return ""
+	}
+	return desc.Intent
+}
+
+// unfinishedWarning is what info and map say about an unfinished op.
+func unfinishedWarning(path, op string) string {
+	return fmt.Sprintf("%s has an unfinished %q (interrupted); what follows may show a half-done state: "+
+		"`sparsedisk check -r all %s` (or repeating the operation) finishes it", path, op, path)
 }
 
 func infoAction(c *cli.Context) error {
@@ -48,14 +68,18 @@ func infoAction(c *cli.Context) error {
 		return fmt.Errorf("info %s: %w", path, err)
 	}
 	w := c.App.Writer
+	op := unfinishedOp(path)
 	switch c.String("output") {
 	case "json":
 		e := json.NewEncoder(w)
 		e.SetIndent("", "  ")
-		return e.Encode(infoJSON{Image: path, Stats: st})
+		return e.Encode(infoJSON{Image: path, Unfinished: op, Stats: st})
 	case "human":
 	default:
 		return fmt.Errorf("--output=%s: want human or json", c.String("output"))
+	}
+	if op != "" {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", unfinishedWarning(path, op))
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "image:\t%s\n", path)
@@ -77,6 +101,9 @@ func infoAction(c *cli.Context) error {
 		}
 		fmt.Fprintf(tw, "fragmentation:\t%d breaks (%.1f%%)\n", st.Fragments, frag)
 		fmt.Fprintf(tw, "state:\t%s\n", st.State)
+	}
+	if op != "" {
+		fmt.Fprintf(tw, "unfinished:\t%s (run `sparsedisk check -r all %s`)\n", op, path)
 	}
 	return tw.Flush()
 }

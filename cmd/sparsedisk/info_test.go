@@ -78,3 +78,39 @@ func TestInfo(t *testing.T) {
 		t.Errorf("info of a missing image: exit %d, %q", code, errs)
 	}
 }
+
+// TestInfoMapUnfinished: info and map read an image whose descriptor
+// records an interrupted offline operation (they never finish it: they
+// are read-only), and say so, with the command that finishes it.
+func TestInfoMapUnfinished(t *testing.T) {
+	path := makeImage(t)
+	desc, err := blockif.ReadDescriptor(nil, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc.Intent = blockif.IntentResize
+	if err := blockif.WriteDescriptor(nil, path, desc); err != nil {
+		t.Fatal(err)
+	}
+	before := imageDigest(t, path)
+	out, errs, code := sdRun(t, "info", path)
+	if code != 0 || !strings.Contains(out, "unfinished:") || !strings.Contains(errs, "check -r all "+path) {
+		t.Errorf("info: exit %d, want an 'unfinished' line and a warning naming the fix\n%s%s", code, out, errs)
+	}
+	out, _, code = sdRun(t, "info", "--output=json", path)
+	if code != 0 || !strings.Contains(out, `"unfinished": "resize"`) {
+		t.Errorf("info json: exit %d, want \"unfinished\": \"resize\"\n%s", code, out)
+	}
+	_, errs, code = sdRun(t, "map", path)
+	if code != 0 || !strings.Contains(errs, "unfinished") {
+		t.Errorf("map: exit %d, want a warning about the unfinished resize\n%s", code, errs)
+	}
+	if imageDigest(t, path) != before {
+		t.Fatal("info/map changed an image with an unfinished operation")
+	}
+	// A clean image says nothing of the kind.
+	clean := makeImage(t)
+	if out, errs, _ := sdRun(t, "info", clean); strings.Contains(out+errs, "unfinished") {
+		t.Errorf("clean image: info mentions an unfinished operation:\n%s%s", out, errs)
+	}
+}

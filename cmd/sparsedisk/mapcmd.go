@@ -44,6 +44,9 @@ func mapAction(c *cli.Context) error {
 		return fmt.Errorf("map %s: %w", path, err)
 	}
 	w := c.App.Writer
+	if op := unfinishedOp(path); op != "" {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", unfinishedWarning(path, op))
+	}
 	switch c.String("output") {
 	case "json":
 		out := make([]mapEntry, len(ext))
