@@ -22,6 +22,10 @@ func init() {
 			"DST must not exist unless --overwrite. DST is built under a hidden temporary name and\n" +
 			"renamed into place (descriptor last) once complete and flushed, so an interrupted\n" +
 			"convert never leaves an image that looks whole.\n\n" +
+			"--overwrite refuses a DST that a server, mount or tool has open, and replaces only DST's\n" +
+			"own files (a sparsedisk image's segments and LUT, or the one plain file). The old DST is\n" +
+			"removed just before the finished copy is renamed in: a crash in that instant leaves no\n" +
+			"image at DST (never a mixed one); run the convert again.\n\n" +
 			"Examples:\n   sparsedisk convert vm.raw vm.img\n   sparsedisk convert vm.img vm.raw layout=raw",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "layout", Usage: "destination layout: sparse, split or raw"},
