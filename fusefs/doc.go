@@ -18,6 +18,11 @@
 //   - fsync and fdatasync both call Backend.Flush, which is global: every
 //     write acknowledged before the fsync, through any descriptor, is
 //     durable when it returns (the engine's durability contract).
+//   - a write the caller asked to be synchronous (a descriptor opened with
+//     O_SYNC or O_DSYNC, pwritev2 with RWF_SYNC or RWF_DSYNC) calls
+//     Backend.Flush before it is acknowledged. With direct I/O the kernel
+//     sends no FSYNC for these; it only sets the WRITE request's flags,
+//     which the mount reads below go-fuse's node API (syncWrites).
 //   - close(2) does not flush the engine; close promises no durability and
 //     tools that open and close often would pay a sync each time. Opens are
 //     answered with FOPEN_NOFLUSH, so the kernel (5.16 and later) does not

@@ -178,6 +178,21 @@ func (f *diskFile) Write(ctx context.Context, _ fs.FileHandle, data []byte, off 
 	return uint32(n), 0
 }
 
+// syncAfterWrite flushes the engine after a successful write whose
+// request flags ask for synchronous I/O (O_DSYNC is set for O_SYNC,
+// O_DSYNC, RWF_SYNC and RWF_DSYNC alike). If the flush fails, the write is
+// reported as failed: its data may not survive a crash, which is what the
+// caller asked to be told.
+func (f *diskFile) syncAfterWrite(flags uint32, n uint32, st fuse.Status) (uint32, fuse.Status) {
+	if !st.Ok() || n == 0 || flags&syscall.O_DSYNC == 0 || f.readOnly {
+		return n, st
+	}
+	if err := f.b.Flush(); err != nil {
+		return 0, fuse.Status(f.fail("sync write", 0, int64(n), err))
+	}
+	return n, st
+}
+
 func (f *diskFile) touch() {
 	f.mtime.Store(time.Now().UnixNano())
 	f.gen.Add(1)

@@ -134,11 +134,40 @@ func New(dir string, b Backend, o *Options) (*Mount, error) {
 		UID:             f.uid,
 		GID:             f.gid,
 	}
-	server, err := fs.Mount(dir, &root{file: f}, opts)
+	// As fs.Mount does, with the node file system wrapped so synchronous
+	// writes are made durable (see syncWrites).
+	raw := syncWrites{RawFileSystem: fs.NewNodeFS(&root{file: f}, opts), file: f}
+	server, err := fuse.NewServer(raw, dir, &opts.MountOptions)
 	if err != nil {
 		return nil, fmt.Errorf("sparsedisk/fusefs: mount %s: %w", dir, err)
 	}
+	go server.Serve()
+	if err := server.WaitMount(); err != nil {
+		return nil, fmt.Errorf("sparsedisk/fusefs: mount %s: %w", dir, err)
+	}
 	return &Mount{dir: dir, server: server, file: f}, nil
+}
+
+// syncWrites makes writes that the caller asked to be synchronous durable
+// before they are acknowledged: writes through a descriptor opened with
+// O_SYNC or O_DSYNC, and pwritev2 with RWF_SYNC or RWF_DSYNC. With direct
+// I/O (openFlags) the kernel does not follow such a write with an FSYNC
+// request, as it does for page-cache writes; it only marks the WRITE
+// request's flags, which go-fuse's node API does not pass on. qemu's
+// cache=writethrough and cache=directsync rely on these semantics.
+type syncWrites struct {
+	fuse.RawFileSystem
+	file *diskFile
+}
+
+func (s syncWrites) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	n, st := s.RawFileSystem.Write(cancel, in, data)
+	return s.file.syncAfterWrite(in.Flags, n, st)
+}
+
+func (s syncWrites) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	n, st := s.RawFileSystem.Writev(cancel, in, data)
+	return s.file.syncAfterWrite(in.Flags, n, st)
 }
 
 func checkName(name string) error {
