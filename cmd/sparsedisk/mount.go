@@ -112,9 +112,18 @@ func mountAction(c *cli.Context) error {
 	defer signal.Stop(sigs)
 	go func() {
 		for s := range sigs {
-			log.Info("signal: unmounting", "signal", s.String(), "mountpoint", dir)
+			// Flush first: if the unmount fails (the file is still open,
+			// by a loop device or a VM, say) the next signal is often
+			// SIGKILL, and every write acknowledged so far must survive
+			// it.
+			if !ro {
+				if err := d.Flush(); err != nil {
+					log.Error("flush on signal", "err", err)
+				}
+			}
+			log.Info("signal: flushed, unmounting", "signal", s.String(), "mountpoint", dir)
 			if err := m.Unmount(); err != nil {
-				log.Error("unmount failed; close users of the file and signal again", "err", err)
+				log.Error("unmount failed; close users of the file and signal again (everything written so far is durable)", "err", err)
 			}
 		}
 	}()

@@ -303,6 +303,36 @@ func TestMountSignals(t *testing.T) {
 	}
 }
 
+// TestMountSignalWhileOpen: SIGTERM while the file is still open (a loop
+// device, a VM) cannot unmount, but it flushes: a service manager's
+// SIGKILL that follows loses no write acknowledged before the SIGTERM.
+func TestMountSignalWhileOpen(t *testing.T) {
+	image := testImage(t)
+	p := startMount(t, image)
+	f, err := os.OpenFile(p.file, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	data := bytes.Repeat([]byte("acknowledged, never fsynced "), 1000)
+	if _, err := f.WriteAt(data, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	for i := 0; !strings.Contains(p.stderr.String(), "unmount failed"); i++ {
+		if i > 500 {
+			t.Fatalf("SIGTERM with the file open did not report the failed unmount\n%s", p.stderr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	p.cmd.Process.Kill()
+	p.wait(t)
+	unix.Unmount(p.dir, unix.MNT_DETACH)
+	if got := readImage(t, image, 1<<20, int64(len(data))); !bytes.Equal(got, data) {
+		t.Fatalf("a write acknowledged before SIGTERM was lost to the SIGKILL that followed\n%s", p.stderr)
+	}
+}
+
 func TestMountReadOnly(t *testing.T) {
 	image := testImage(t)
 	p := startMount(t, image, "--read-only", "--name", "ro.raw")
