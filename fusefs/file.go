@@ -44,6 +44,15 @@ type root struct {
 var _ fs.NodeOnAdder = (*root)(nil)
 var _ fs.NodeStatfser = (*root)(nil)
 var _ fs.NodeGetattrer = (*root)(nil)
+var _ fs.NodeUnlinker = (*root)(nil)
+var _ fs.NodeRmdirer = (*root)(nil)
+
+// Unlink refuses: the disk file is the mount's reason to exist. (Without
+// this method go-fuse answers unlink with success and hides the file.)
+func (r *root) Unlink(ctx context.Context, name string) syscall.Errno { return syscall.EPERM }
+
+// Rmdir refuses likewise; there are no directories to remove.
+func (r *root) Rmdir(ctx context.Context, name string) syscall.Errno { return syscall.EPERM }
 
 func (r *root) OnAdd(ctx context.Context) {
 	ch := r.NewPersistentInode(ctx, r.file, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
@@ -62,12 +71,18 @@ func (r *root) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 // Statfs reports the disk as the whole file system: total = disk size,
 // used = allocated bytes, so df shows how full the sparse image is.
 func (r *root) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
-	alloc, err := r.file.allocated()
+	return r.file.Statfs(ctx, out)
+}
+
+// Statfs on the file itself (fstatfs on an open descriptor, as qemu does)
+// answers the same as on the mount point.
+func (f *diskFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	alloc, err := f.allocated()
 	if err != nil {
-		return r.file.fail("statfs", 0, 0, err)
+		return f.fail("statfs", 0, 0, err)
 	}
 	const bsize = 4096
-	size := r.file.b.Size()
+	size := f.b.Size()
 	out.Bsize = bsize
 	out.Frsize = bsize
 	out.Blocks = uint64((size + bsize - 1) / bsize)
@@ -115,6 +130,7 @@ var (
 	_ fs.NodeLseeker   = (*diskFile)(nil)
 	_ fs.NodeGetattrer = (*diskFile)(nil)
 	_ fs.NodeSetattrer = (*diskFile)(nil)
+	_ fs.NodeStatfser  = (*diskFile)(nil)
 )
 
 // fail logs an unexpected engine error and returns its errno. Expected
