@@ -328,9 +328,15 @@ func (f *diskFile) Getattr(ctx context.Context, _ fs.FileHandle, out *fuse.AttrO
 }
 
 func (f *diskFile) fillAttr(a *fuse.Attr) syscall.Errno {
+	// st_blocks is informational: if it cannot be counted (a segment file
+	// gone from under the image, say), stat, open and df must still work,
+	// so the last count (or 0) is reported and the error only logged.
 	alloc, err := f.allocated()
 	if err != nil {
-		return f.fail("getattr", 0, 0, err)
+		f.fail("getattr (allocated space)", 0, 0, err)
+		f.allocMu.Lock()
+		alloc = f.allocVal
+		f.allocMu.Unlock()
 	}
 	f.mu.Lock()
 	mode, atime := f.mode, f.atime

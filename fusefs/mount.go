@@ -128,6 +128,7 @@ func New(dir string, b Backend, o *Options) (*Mount, error) {
 			// libaio/io_uring keep several direct requests in flight.
 			ExtraCapabilities: fuse.CAP_DIRECT_IO_ALLOW_MMAP | fuse.CAP_ASYNC_DIO,
 		},
+		RootStableAttr:  &fs.StableAttr{Mode: syscall.S_IFDIR, Ino: 1},
 		EntryTimeout:    &entryTimeout,
 		AttrTimeout:     &attrTTL,
 		NegativeTimeout: &entryTimeout,
