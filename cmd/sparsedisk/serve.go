@@ -242,8 +242,9 @@ func serveAction(c *cli.Context) error {
 		log.Info("using socket activation", "sockets", len(listeners))
 	} else {
 		if p := c.String("socket"); p != "" {
-			if st, err := os.Lstat(p); err == nil && st.Mode()&os.ModeSocket != 0 {
-				os.Remove(p) // stale socket of an earlier run
+			if err := removeStaleSocket(p); err != nil {
+				closeAll()
+				return err
 			}
 			l, err := listenUnix(p, limits.socketMode)
 			if err != nil {
@@ -290,9 +291,9 @@ func serveAction(c *cli.Context) error {
 		log.Error("shutdown", "err", err)
 		serveErr = firstErr(serveErr, err)
 	}
-	if p := c.String("socket"); p != "" && c.IsSet("socket") {
-		os.Remove(p)
-	}
+	// The socket file is removed by its listener's Close (net.UnixListener
+	// unlinks what it created), never by path: the path may meanwhile
+	// belong to someone else.
 	if err := closeAll(); err != nil {
 		serveErr = firstErr(serveErr, err)
 	}
@@ -362,4 +363,28 @@ func firstErr(a, b error) error {
 		return a
 	}
 	return b
+}
+
+// removeStaleSocket removes the Unix socket at p if it is left over from a
+// server that is gone (connecting is refused), so a restart can bind it
+// again. A socket something still listens on is refused: removing it
+// would cut that server off from its clients. Anything at p that is not a
+// socket is left for listen to report.
+func removeStaleSocket(p string) error {
+	st, err := os.Lstat(p)
+	if err != nil || st.Mode()&os.ModeSocket == 0 {
+		return nil
+	}
+	c, err := net.DialTimeout("unix", p, time.Second)
+	if err == nil {
+		c.Close()
+		return fmt.Errorf("socket %s is in use: another server listens on it (stop it, or choose another --socket)", p)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("socket %s exists and could not be probed (%v); remove it if no server uses it", p, err)
+	}
+	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale socket %s: %w", p, err)
+	}
+	return nil
 }

@@ -507,3 +507,46 @@ func TestServeSocketMode(t *testing.T) {
 		}
 	}
 }
+
+// TestServeSocketInUse: a second server on a socket path that a running
+// server listens on is refused and leaves it alone; a stale socket (no
+// listener) is replaced; when a server stops, its socket goes.
+func TestServeSocketInUse(t *testing.T) {
+	a := newTestImage(t, "a.img", 1<<20)
+	b := newTestImage(t, "b.img", 1<<20)
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	_, stop := startServeInProcess(t, 1, "--socket", sock, a)
+	var out, errb bytes.Buffer
+	err := newApp(&out, &errb).Run([]string{"sparsedisk", "serve", "--socket", sock, b})
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second server on a live socket: %v, want an in-use error", err)
+	}
+	nc, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("the first server lost its socket to the refused one: %v", err)
+	}
+	nc.Close()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(sock); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("socket left behind after stop: %v", err)
+	}
+
+	// A socket file whose server is gone is taken over.
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	_, stop = startServeInProcess(t, 1, "--socket", sock, b)
+	if nc, err := net.Dial("unix", sock); err != nil {
+		t.Fatalf("server on a stale socket is not reachable: %v", err)
+	} else {
+		nc.Close()
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+}
