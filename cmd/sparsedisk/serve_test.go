@@ -516,8 +516,12 @@ func TestServeSocketInUse(t *testing.T) {
 	b := newTestImage(t, "b.img", 1<<20)
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	_, stop := startServeInProcess(t, 1, "--socket", sock, a)
-	var out, errb bytes.Buffer
-	err := newApp(&out, &errb).Run([]string{"sparsedisk", "serve", "--socket", sock, b})
+	var out, errb syncBuffer
+	// Bounded: a server that wrongly takes the socket over runs until
+	// its context ends, and then returns nil.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := newApp(&out, &errb).RunContext(ctx, []string{"sparsedisk", "serve", "--socket", sock, b})
 	if err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second server on a live socket: %v, want an in-use error", err)
 	}
