@@ -55,7 +55,9 @@
 //
 // TLS ([TLSOn], [TLSRequire]) uses crypto/tls through NBD_OPT_STARTTLS;
 // client certificates are demanded by setting ClientAuth and ClientCAs in
-// Config.TLSConfig. In require mode nothing but STARTTLS and ABORT is
+// Config.TLSConfig (ServerTLSConfig builds such a configuration; with
+// client certificates it stays at TLS 1.2, for GnuTLS clients holding RSA
+// certificates). In require mode nothing but STARTTLS and ABORT is
 // answered before TLS is up, so export names and data never travel in
 // clear text.
 //

@@ -1,9 +1,11 @@
 package nbd
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -26,17 +28,37 @@ type testPKI struct {
 	caFile, serverCert, serverKey string
 }
 
-func newTestPKI(t testing.TB) *testPKI {
+func newTestPKI(t testing.TB) *testPKI { return newTestPKIKeys(t, false) }
+
+// genKey makes an RSA 2048 or ECDSA P-256 key and its PEM form.
+func genKey(t testing.TB, rsaKey bool) (crypto.Signer, string, []byte) {
+	t.Helper()
+	if rsaKey {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			t.Fatal(err)
+		}
+		der, _ := x509.MarshalPKCS8PrivateKey(k)
+		return k, "PRIVATE KEY", der
+	}
+	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalECPrivateKey(k)
+	return k, "EC PRIVATE KEY", der
+}
+
+// newTestPKIKeys is newTestPKI with RSA keys (CA and leaves, signed with
+// RSA PKCS#1 v1.5 as openssl and certtool do by default) if rsaKeys.
+func newTestPKIKeys(t testing.TB, rsaKeys bool) *testPKI {
 	t.Helper()
 	dir := t.TempDir()
 	p := &testPKI{dir: dir}
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caKey, _, _ := genKey(t, rsaKeys)
 	caTmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "sparsedisk test CA"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,20 +74,19 @@ func newTestPKI(t testing.TB) *testPKI {
 	}
 	p.caFile = write("ca-cert.pem", "CERTIFICATE", caDER)
 	leaf := func(serial int64, cn string, usage x509.ExtKeyUsage, certName, keyName string) (tls.Certificate, string, string) {
-		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		key, keyType, kder := genKey(t, rsaKeys)
 		tmpl := &x509.Certificate{
 			SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: cn},
 			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
 			DNSNames: []string{"localhost"}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
 		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, key.Public(), caKey)
 		if err != nil {
 			t.Fatal(err)
 		}
-		kder, _ := x509.MarshalECPrivateKey(key)
 		cf := write(certName, "CERTIFICATE", der)
-		kf := write(keyName, "EC PRIVATE KEY", kder)
+		kf := write(keyName, keyType, kder)
 		c, err := tls.LoadX509KeyPair(cf, kf)
 		if err != nil {
 			t.Fatal(err)
@@ -78,11 +99,10 @@ func newTestPKI(t testing.TB) *testPKI {
 }
 
 func (p *testPKI) serverConfig(requireClient bool) *tls.Config {
-	c := &tls.Config{Certificates: []tls.Certificate{p.server}, MinVersion: tls.VersionTLS12}
 	if requireClient {
-		c.ClientAuth, c.ClientCAs = tls.RequireAndVerifyClientCert, p.caPool
+		return ServerTLSConfig(p.server, p.caPool)
 	}
-	return c
+	return ServerTLSConfig(p.server, nil)
 }
 
 // startTLS sends STARTTLS and upgrades the client side.

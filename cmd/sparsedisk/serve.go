@@ -96,19 +96,18 @@ func tlsConfig(c *cli.Context) (nbd.TLSMode, *tls.Config, error) {
 	if err != nil {
 		return mode, nil, fmt.Errorf("loading TLS certificate: %w", err)
 	}
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	var pool *x509.CertPool
 	if ca := c.String("tls-ca"); ca != "" {
 		pem, err := os.ReadFile(ca)
 		if err != nil {
 			return mode, nil, fmt.Errorf("reading TLS CA: %w", err)
 		}
-		pool := x509.NewCertPool()
+		pool = x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
 			return mode, nil, fmt.Errorf("%s holds no PEM certificate", ca)
 		}
-		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
 	}
-	return mode, cfg, nil
+	return mode, nbd.ServerTLSConfig(cert, pool), nil
 }
 
 // imageArg splits IMAGE[:NAME]. A path that exists as given is taken whole,
