@@ -205,8 +205,16 @@ func serveAction(c *cli.Context) error {
 		return first
 	}
 	var exports []nbd.Export
+	seen := map[string]string{} // absolute image path -> argument
 	for _, arg := range c.Args().Slice() {
 		path, name := imageArg(arg)
+		if abs, err := filepath.Abs(path); err == nil {
+			if prev, dup := seen[abs]; dup {
+				closeAll()
+				return fmt.Errorf("%s is given twice (%q and %q): one process serves an image once, under one name", path, prev, arg)
+			}
+			seen[abs] = arg
+		}
 		d, err := blockif.Open(path, &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log})
 		if err != nil {
 			closeAll()
@@ -216,7 +224,10 @@ func serveAction(c *cli.Context) error {
 			return fmt.Errorf("open %s: %w", path, err)
 		}
 		disks = append(disks, d)
-		exports = append(exports, nbd.Export{Name: name, Description: path, Backend: d})
+		// The description names the image file, not its directory: any
+		// client may read it, and the server's layout is not its business.
+		desc := fmt.Sprintf("sparsedisk %s image %s, %s", d.Params().Layout, filepath.Base(path), blockif.HumanSize(d.Size()))
+		exports = append(exports, nbd.Export{Name: name, Description: desc, Backend: d})
 	}
 	srv, err := nbd.NewServer(nbd.Config{
 		TLS:              mode,

@@ -554,3 +554,24 @@ func TestServeSocketInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestServeExportDescription: the description clients see names the image
+// file but not the server's directories; an image given twice is refused
+// with a message that says so (not "in use by another process").
+func TestServeExportDescription(t *testing.T) {
+	ni := peerTool(t, "nbdinfo")
+	img := newTestImage(t, "secret-dir-image.img", 1<<20)
+	uris, _ := startServeInProcess(t, 1, "--listen", "127.0.0.1:0", img)
+	out, err := exec.Command(ni, "--list", uris[0]).CombinedOutput()
+	if err != nil {
+		t.Fatalf("nbdinfo --list: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "secret-dir-image.img") || strings.Contains(string(out), filepath.Dir(img)) {
+		t.Errorf("description should name the file but not its directory %s:\n%s", filepath.Dir(img), out)
+	}
+	other := newTestImage(t, "twice.img", 1<<20)
+	_, errs, code := sdRun(t, "serve", "--listen", "127.0.0.1:0", other+":a", other+":b")
+	if code == 0 || !strings.Contains(errs, "given twice") || strings.Contains(errs, "another process") {
+		t.Errorf("same image twice: exit %d, want a 'given twice' error\n%s", code, errs)
+	}
+}
