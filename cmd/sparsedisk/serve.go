@@ -54,7 +54,7 @@ func init() {
 			&cli.IntFlag{Name: "max-in-flight", Value: nbd.DefaultMaxInFlight, Usage: "execute at most `N` requests of one connection at once; the connection is not read further meanwhile"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating (TLS included) in this time"},
 			&cli.DurationFlag{Name: "idle-timeout", Usage: "close connections that send no request for this long (0 = never; kernel clients idle for hours)"},
-			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight"},
+			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight (a second signal stops waiting)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
 		}, tlsFlags()...),
 		Action: serveAction,
@@ -297,6 +297,20 @@ func serveAction(c *cli.Context) error {
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), c.Duration("shutdown-timeout"))
 	defer cancel()
+	// A second SIGINT/SIGTERM stops waiting for requests in flight (a
+	// client that does not read its replies can hold them until
+	// --shutdown-timeout); the images are still flushed and closed.
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(again)
+	go func() {
+		select {
+		case s := <-again:
+			log.Warn("second signal: closing connections without waiting for requests in flight", "signal", s.String())
+			cancel()
+		case <-sctx.Done():
+		}
+	}()
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Error("shutdown", "err", err)
 		serveErr = firstErr(serveErr, err)

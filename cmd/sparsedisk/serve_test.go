@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	be "encoding/binary"
 	"errors"
 	"flag"
 	"fmt"
@@ -574,4 +575,69 @@ func TestServeExportDescription(t *testing.T) {
 	if code == 0 || !strings.Contains(errs, "given twice") || strings.Contains(errs, "another process") {
 		t.Errorf("same image twice: exit %d, want a 'given twice' error\n%s", code, errs)
 	}
+}
+
+// TestServeSecondSignal: a client that sends reads and never reads the
+// replies holds the first SIGTERM's graceful shutdown; a second SIGTERM
+// stops waiting, and the image is still flushed and closed clean.
+func TestServeSecondSignal(t *testing.T) {
+	img := newTestImage(t, "stuck.img", 64<<20)
+	cmd, uri, stderr := serveChild(t, nil, nil, "serve", "--listen", "127.0.0.1:0", "--shutdown-timeout", "2m", img)
+	host := strings.TrimPrefix(uri, "nbd://")
+	host = host[:strings.IndexByte(host, '/')]
+	nc, err := net.Dial("tcp", host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	// Fixed newstyle handshake, EXPORT_NAME "stuck.img", no zero padding.
+	hello := make([]byte, 18)
+	if _, err := io.ReadFull(nc, hello); err != nil {
+		t.Fatal(err)
+	}
+	name := []byte("stuck.img")
+	opt := be.BigEndian.AppendUint32(nil, 3) // FIXED_NEWSTYLE | NO_ZEROES
+	opt = be.BigEndian.AppendUint64(opt, 0x49484156454F5054)
+	opt = be.BigEndian.AppendUint32(opt, 1) // NBD_OPT_EXPORT_NAME
+	opt = be.BigEndian.AppendUint32(opt, uint32(len(name)))
+	opt = append(opt, name...)
+	if _, err := nc.Write(opt); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(nc, make([]byte, 10)); err != nil {
+		t.Fatalf("export info: %v", err)
+	}
+	// 64 reads of 1 MiB whose replies are never read.
+	var reqs []byte
+	for i := 0; i < 64; i++ {
+		reqs = be.BigEndian.AppendUint32(reqs, 0x25609513)
+		reqs = be.BigEndian.AppendUint16(reqs, 0) // flags
+		reqs = be.BigEndian.AppendUint16(reqs, 0) // NBD_CMD_READ
+		reqs = be.BigEndian.AppendUint64(reqs, uint64(i+1))
+		reqs = be.BigEndian.AppendUint64(reqs, uint64(i)<<20)
+		reqs = be.BigEndian.AppendUint32(reqs, 1<<20)
+	}
+	if _, err := nc.Write(reqs); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond)
+	exited := make(chan error, 1)
+	cmd.Process.Signal(syscall.SIGTERM)
+	go func() { exited <- cmd.Wait() }()
+	select {
+	case err := <-exited:
+		t.Fatalf("serve exited on the first SIGTERM (%v) although replies were still queued; the test did not hold it\n%s", err, stderr)
+	case <-time.After(time.Second):
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("serve still running 20 s after a second SIGTERM\n%s", stderr)
+	}
+	if !strings.Contains(stderr.String(), "second signal") || !strings.Contains(stderr.String(), "image closed clean") {
+		t.Errorf("log lacks the second-signal notice or the clean close:\n%s", stderr)
+	}
+	requireClean(t, img, true)
 }
