@@ -81,7 +81,7 @@ func (c *conn) serve() {
 		case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
 			c.log.Debug("nbd: connection closed during handshake", "err", err)
 		default:
-			c.log.Warn("nbd: handshake failed", "err", err)
+			c.s.warnBadClient(c.log, "nbd: handshake failed", err)
 		}
 		return
 	}
@@ -192,7 +192,7 @@ func (t *transmission) run() {
 		}
 		t.c.log.Info("nbd: client disconnected")
 	case errors.Is(reason, ErrBadMagic), errors.Is(reason, ErrProtocol):
-		t.c.log.Warn("nbd: dropping connection", "err", reason)
+		t.c.s.warnBadClient(t.c.log, "nbd: dropping connection", reason)
 	case t.stopping():
 		t.c.log.Info("nbd: connection closed by shutdown")
 	default:

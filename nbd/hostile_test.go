@@ -339,7 +339,9 @@ func (l *errList) report(t *testing.T) {
 func TestHostileGarbage(t *testing.T) {
 	d := hostileImage(t)
 	const handshake = time.Second
-	s, addr := startServer(t, Config{HandshakeTimeout: handshake}, Export{Name: "disk", Backend: d})
+	logs := &countingHandler{n: map[string]int{}}
+	s, addr := startServer(t, Config{HandshakeTimeout: handshake, Logger: slog.New(logs)}, Export{Name: "disk", Backend: d})
+	start := time.Now()
 	baseline := runtime.NumGoroutine()
 	heap0 := heapInuse()
 	w := startWellBehaved(t, addr, "disk")
@@ -402,6 +404,13 @@ func TestHostileGarbage(t *testing.T) {
 	}
 	wg.Wait()
 	errs.report(t)
+	// Every bad client is worth a warning, but not one line each: at most
+	// badClientLogsPerSecond per second of the attack (+1 for the partial
+	// window at each end).
+	secs := int(time.Since(start)/time.Second) + 2
+	if n := logs.count("nbd: handshake failed") + logs.count("nbd: dropping connection"); n == 0 || n > badClientLogsPerSecond*secs {
+		t.Errorf("%d warning lines for %d bad clients in %d s; want between 1 and %d", n, conns, secs-2, badClientLogsPerSecond*secs)
+	}
 	after := w.rounds.Load()
 	checkServed(t, w, before, after)
 	m.finish()
@@ -1005,4 +1014,27 @@ func TestHostileExportNames(t *testing.T) {
 	c := dial(t, addr)
 	c.hello(clientFixedNewstyle | clientNoZeroes)
 	c.expect(optGo, appendInfoRequest(nil, infoRequest{name: strings.Repeat("b", maxStringLen+1)}), repErrInvalid)
+}
+
+// TestLogLimiter: badClientLogsPerSecond lines per one-second window; the
+// first line of a later window carries the count of those suppressed.
+func TestLogLimiter(t *testing.T) {
+	var l logLimiter
+	t0 := time.Unix(1000, 0)
+	for i := 0; i < badClientLogsPerSecond; i++ {
+		if ok, k := l.allow(t0.Add(time.Duration(i) * time.Millisecond)); !ok || k != 0 {
+			t.Fatalf("line %d of the first window: allow = %v, %d", i, ok, k)
+		}
+	}
+	for i := 0; i < 7; i++ {
+		if ok, _ := l.allow(t0.Add(500 * time.Millisecond)); ok {
+			t.Fatalf("line %d past the limit was allowed", badClientLogsPerSecond+i)
+		}
+	}
+	if ok, k := l.allow(t0.Add(1500 * time.Millisecond)); !ok || k != 7 {
+		t.Fatalf("first line of the next window: allow = %v, suppressed %d; want true, 7", ok, k)
+	}
+	if ok, k := l.allow(t0.Add(1600 * time.Millisecond)); !ok || k != 0 {
+		t.Fatalf("second line of the next window: allow = %v, suppressed %d; want true, 0", ok, k)
+	}
 }

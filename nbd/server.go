@@ -223,6 +223,10 @@ type Server struct {
 	refused   int           // connections refused and not yet logged
 	refusedAt time.Time     // when a refusal was last logged
 
+	// badClients limits the log lines of failed handshakes and dropped
+	// connections, which a hostile or broken client can cause at will.
+	badClients logLimiter
+
 	wg sync.WaitGroup // one per running connection goroutine
 }
 
@@ -517,4 +521,49 @@ func (f *flusher) Flush() error {
 func discard(r io.Reader, n int64) error {
 	_, err := io.CopyN(io.Discard, r, n)
 	return err
+}
+
+// badClientLogsPerSecond is how many failed-handshake and dropped-connection
+// lines are logged per second; the rest are counted and the count is
+// attached to the next line logged.
+const badClientLogsPerSecond = 10
+
+// logLimiter lets through at most badClientLogsPerSecond log lines per
+// one-second window. It is safe for concurrent use.
+type logLimiter struct {
+	mu         sync.Mutex // protects every field
+	window     time.Time  // start of the current window
+	n          int        // lines allowed in the window
+	suppressed int        // lines suppressed since the last allowed one
+}
+
+// allow reports whether a line may be logged now and, if so, how many were
+// suppressed before it.
+func (l *logLimiter) allow(now time.Time) (bool, int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Sub(l.window) >= time.Second {
+		l.window, l.n = now, 0
+	}
+	if l.n >= badClientLogsPerSecond {
+		l.suppressed++
+		return false, 0
+	}
+	l.n++
+	k := l.suppressed
+	l.suppressed = 0
+	return true, k
+}
+
+// warnBadClient logs a warning about a misbehaving client, rate-limited.
+func (s *Server) warnBadClient(log *slog.Logger, msg string, err error) {
+	ok, suppressed := s.badClients.allow(time.Now())
+	if !ok {
+		return
+	}
+	if suppressed > 0 {
+		log.Warn(msg, "err", err, "suppressed_before", suppressed)
+		return
+	}
+	log.Warn(msg, "err", err)
 }
