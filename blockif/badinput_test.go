@@ -215,3 +215,60 @@ func TestDirtyCorruptRefused(t *testing.T) {
 		t.Fatalf("refused opens changed the state to %q", desc.State)
 	}
 }
+
+// TestReadOnlySalvage: a read-only open of an image with a LUT entry past
+// its segment's end fails only the reads that touch that sector; the other
+// sectors of the segment read back (a writer is still refused: it would
+// build on the corruption).
+func TestReadOnlySalvage(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
+	path := testImageNoCheck(t, p)
+	d := mustOpen(t, path, nil)
+	for s := int64(0); s < 8; s++ {
+		if _, err := d.WriteAt(bytes.Repeat([]byte{byte(s + 1)}, 4096), s*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{99, 0, 0, 0}, 5*lut.EntrySize); err != nil { // sector 5, segment 1
+		t.Fatal(err)
+	}
+	f.Close()
+
+	var logs bytes.Buffer
+	r, err := Open(path, &Options{ReadOnly: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4096)
+	for s := int64(0); s < 8; s++ {
+		_, err := r.ReadAt(buf, s*4096)
+		if s == 5 {
+			if !errors.Is(err, ErrCorrupt) {
+				t.Errorf("read of the sector with the bad entry: %v, want ErrCorrupt", err)
+			}
+			continue
+		}
+		if err != nil || !bytes.Equal(buf, bytes.Repeat([]byte{byte(s + 1)}, 4096)) {
+			t.Errorf("sector %d beside the bad entry: %v (first byte %d)", s, err, buf[0])
+		}
+	}
+	if !strings.Contains(logs.String(), "first_sector=5") {
+		t.Errorf("no warning naming the bad sector: %q", logs.String())
+	}
+	r.Close()
+	w, err := Open(path, nil)
+	if err == nil {
+		_, err = w.ReadAt(buf, 4*4096)
+		w.Close()
+	}
+	if !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("writer on the corrupt segment: %v, want ErrCorrupt", err)
+	}
+}

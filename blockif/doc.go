@@ -46,7 +46,10 @@
 // Opening for writing takes an exclusive flock on the descriptor (readers a
 // shared one) and rewrites the descriptor with state = dirty; Close flushes
 // and writes state = clean. An image found dirty at Open is checked first
-// (corruption refuses a writable open). Descriptor rewrites are atomic
+// (corruption refuses a writable open). A segment whose LUT entries point
+// past its file's end fails every access for a writer; a reader is only
+// refused the sectors behind those entries, so the rest can be salvaged.
+// Descriptor rewrites are atomic
 // (temp file, fsync, rename, fsync directory) and the lock moves to the new
 // file before it becomes visible.
 //

@@ -67,15 +67,31 @@ func (d *Disk) loadTable(s *seg) (*lut.Segment, error) {
 	ss := d.desc.SectorSize
 	fileSlots := size / ss
 	next := (size + ss - 1) / ss
+	bad, firstBad := 0, int64(-1)
 	for j, v := range t.E {
 		if v == lut.Unallocated {
 			continue
 		}
 		if int64(v) >= fileSlots {
-			return nil, fmt.Errorf("%w: segment %d (%s) sector %d: LUT entry points at slot %d, past the end of the file (%d slots)",
+			err := fmt.Errorf("%w: segment %d (%s) sector %d: LUT entry points at slot %d, past the end of the file (%d slots)",
 				ErrCorrupt, s.Index(), s.Path(), t.First+int64(j), v, fileSlots)
+			if !d.readOnly {
+				return nil, err
+			}
+			// A reader salvages what it can: only reads touching such
+			// a sector fail (ReadSlotsStrict finds the slot missing),
+			// every other sector of the segment stays readable.
+			if bad == 0 {
+				firstBad = t.First + int64(j)
+			}
+			bad++
+			continue
 		}
 		next = max(next, int64(v)+1)
+	}
+	if bad > 0 {
+		d.log.Warn("LUT entries point past their segment file; reads of those sectors fail, the rest of the segment is readable",
+			"image", d.path, "segment", s.Index(), "bad_entries", bad, "first_sector", firstBad)
 	}
 	s.SetNext(next)
 	return t, nil
