@@ -111,12 +111,17 @@ func tlsConfig(c *cli.Context) (nbd.TLSMode, *tls.Config, error) {
 }
 
 // imageArg splits IMAGE[:NAME]. A path that exists as given is taken whole,
-// so image paths containing colons still work.
+// so image paths containing colons still work. Otherwise the last colon
+// splits, if the part before it exists or the part after it has no "/"
+// (then it cannot be a path's tail): export names may contain "/".
 func imageArg(arg string) (path, name string) {
 	path = arg
 	if _, err := os.Stat(arg); err != nil {
-		if i := strings.LastIndexByte(arg, ':'); i > 0 && !strings.Contains(arg[i+1:], "/") {
-			path, name = arg[:i], arg[i+1:]
+		if i := strings.LastIndexByte(arg, ':'); i > 0 {
+			_, serr := os.Stat(arg[:i])
+			if serr == nil || !strings.Contains(arg[i+1:], "/") {
+				path, name = arg[:i], arg[i+1:]
+			}
 		}
 	}
 	if name == "" {

@@ -169,7 +169,10 @@ func TestImageArg(t *testing.T) {
 	dir := t.TempDir()
 	colon := filepath.Join(dir, "odd:name.img")
 	os.WriteFile(colon, nil, 0o644)
+	plain := filepath.Join(dir, "plain.img")
+	os.WriteFile(plain, nil, 0o644)
 	for _, tc := range []struct{ arg, path, name string }{
+		{plain + ":vms/web", plain, "vms/web"}, // export names may hold "/"
 		{"disk.img", "disk.img", "disk.img"},
 		{"vm/disk.img:vm1", "vm/disk.img", "vm1"},
 		{colon, colon, "odd:name.img"},
