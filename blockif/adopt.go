@@ -41,6 +41,9 @@ func Adopt(path string, p Params, o *Options) error {
 			return fmt.Errorf("%w: segment file %s is %d bytes, more than split %d allows", ErrInvalid, name, fi.Size(), want)
 		}
 	}
+	if _, err := fsys.Stat(path + lut.Suffix); err == nil && p.Layout == LayoutSplit {
+		return fmt.Errorf("%w: %s exists, so this is a sparse image: adopt it with layout=sparse (the default)", ErrInvalid, path+lut.Suffix)
+	}
 	if fi, err := fsys.Stat(segment.Name(path, p.Segments())); err == nil && fi.Size() > 0 {
 		return fmt.Errorf("%w: segment file %s holds data beyond size %d: is size right?", ErrInvalid, segment.Name(path, p.Segments()), p.Size)
 	}
@@ -69,11 +72,24 @@ func Adopt(path string, p Params, o *Options) error {
 				return err
 			}
 			slots := fi.Size() / p.SectorSize
+			owner := make(map[uint32]int64)
 			for j, v := range s.E {
-				if v != lut.Unallocated && int64(v) >= slots {
-					return fmt.Errorf("%w: segment %d sector %d: LUT entry %d is past the end of %s (%d slots): check split= and sectorsize=",
-						ErrInvalid, i, s.First+int64(j), v, segment.Name(path, i), slots)
+				if v == lut.Unallocated {
+					continue
 				}
+				sector := s.First + int64(j)
+				if int64(v) >= slots {
+					return fmt.Errorf("%w: segment %d sector %d: LUT entry %d is past the end of %s (%d slots): check split= and sectorsize=",
+						ErrInvalid, i, sector, v, segment.Name(path, i), slots)
+				}
+				// xhyve gives every sector its own slot; a slot claimed
+				// twice within a segment means the entries were cut into
+				// segments at the wrong places: split= is wrong.
+				if o, dup := owner[v]; dup {
+					return fmt.Errorf("%w: sectors %d and %d both map to slot %d of %s: check split= (and sectorsize=)",
+						ErrInvalid, o, sector, v, segment.Name(path, i))
+				}
+				owner[v] = sector
 			}
 		}
 	}

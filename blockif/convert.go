@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 
 	"github.com/sparsedisk/sparsedisk/lut"
@@ -68,6 +69,9 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 	}
 	if filepath.Clean(src) == filepath.Clean(dst) {
 		return nil, fmt.Errorf("%w: source and destination are the same file %s", ErrInvalid, src)
+	}
+	if partOf(dst, src) || partOf(src, dst) {
+		return nil, fmt.Errorf("%w: %s and %s are files of the same image (its segments are NAME.0000…, its LUT NAME.lut)", ErrInvalid, src, dst)
 	}
 	in, err := Open(src, &Options{FS: fsys, ReadOnly: true})
 	if err != nil {
@@ -455,4 +459,26 @@ func (h *holeFinder) extents(pos, n int64) []Extent {
 		}
 	}
 	return out
+}
+
+// partOf reports whether file is one of the segment or LUT files that
+// belong beside the image path img (img.lut, img.0000, img.0001, …).
+func partOf(file, img string) bool {
+	file, img = filepath.Clean(file), filepath.Clean(img)
+	rest, ok := strings.CutPrefix(file, img+".")
+	if !ok {
+		return false
+	}
+	if rest == strings.TrimPrefix(lut.Suffix, ".") {
+		return true
+	}
+	if len(rest) < 4 {
+		return false
+	}
+	for _, c := range rest {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }

@@ -216,3 +216,21 @@ func TestConvertCrash(t *testing.T) {
 		t.Logf("%s: crashed at each of %d steps; %d left a whole image, the rest none", layout, n+1, whole)
 	}
 }
+
+// TestConvertIntoOwnFiles: a destination that is one of the source
+// image's own files (a segment, the LUT), or the reverse, is refused even
+// with Overwrite: the copy would destroy what it reads.
+func TestConvertIntoOwnFiles(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
+	src := testImage(t, p, nil, false)
+	before := fileDigest(t, filepath.Dir(src))
+	for _, dst := range []string{src + ".0001", src + ".lut", src + ".0000"} {
+		if _, err := Convert(src, dst, &ConvertOptions{Layout: LayoutRaw, Overwrite: true}); !errors.Is(err, ErrInvalid) {
+			t.Errorf("convert %s into its own %s: %v, want ErrInvalid", src, dst, err)
+		}
+	}
+	sameDigest(t, "refused converts", before, fileDigest(t, filepath.Dir(src)))
+	if !partOf("/a/x.img.0012", "/a/x.img") || partOf("/a/x.img.raw", "/a/x.img") || partOf("/a/x.img.01", "/a/x.img") {
+		t.Error("partOf misclassifies")
+	}
+}

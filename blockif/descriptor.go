@@ -57,7 +57,11 @@ func (p Params) Segments() int {
 	if p.Layout == LayoutRaw || p.Split == 0 {
 		return 1
 	}
-	return int((p.Size + p.Split - 1) / p.Split)
+	n := p.Size / p.Split // not (Size+Split-1)/Split: that overflows near 2^63
+	if p.Size%p.Split != 0 {
+		n++
+	}
+	return int(n)
 }
 
 // Sectors is the number of sectors (LUT entries) of the disk.

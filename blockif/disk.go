@@ -149,12 +149,33 @@ func Create(path string, p Params, o *Options) error {
 			return err
 		}
 	}
+	if p.Layout == LayoutSparse {
+		if err := checkRoom(fsys, path, p.Sectors()*lut.EntrySize, "the LUT"); err != nil {
+			return err
+		}
+	}
+	// A create that fails part-way (disk full, a file size limit) removes
+	// what it made, so that retrying is not refused as "already exists".
+	created, ok := 0, false
+	defer func() {
+		if ok {
+			return
+		}
+		for i := 0; i < created; i++ {
+			fsys.Remove(segment.Name(path, i))
+		}
+		if p.Layout == LayoutSparse {
+			fsys.Remove(path + lut.Suffix)
+		}
+		fsys.Remove(path)
+	}()
 	for i := 0; i < p.Segments(); i++ {
 		name := segment.Name(path, i)
 		f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			return fmt.Errorf("create segment: %w", err)
 		}
+		created++
 		if p.Layout == LayoutSplit {
 			if err := f.Truncate(min(p.Split, p.Size-int64(i)*p.Split)); err != nil {
 				f.Close()
@@ -174,7 +195,11 @@ func Create(path string, p Params, o *Options) error {
 			return err
 		}
 	}
-	return WriteDescriptor(fsys, path, Descriptor{Params: p, State: StateClean})
+	if err := WriteDescriptor(fsys, path, Descriptor{Params: p, State: StateClean}); err != nil {
+		return err
+	}
+	ok = true
+	return nil
 }
 
 // isDescriptor tells whether path holds a sparsedisk descriptor (as opposed

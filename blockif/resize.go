@@ -160,10 +160,24 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 // grow adds segment files and LUT entries for np, then commits np.
 func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLock, o *ResizeOptions) error {
 	old := desc.Params
+	oldN, newN := old.Segments(), np.Segments()
+	// Refusals come before the intent is recorded: finishing a resize
+	// intent removes every file past the geometry, and a stray file found
+	// here may hold data (check -r all moves such files aside instead).
+	for i := oldN; i < newN; i++ {
+		name := segment.Name(path, i)
+		if fi, err := fsys.Stat(name); err == nil && fi.Size() > 0 {
+			return fmt.Errorf("%w: segment file %s already exists beyond the image's %d segments; run `sparsedisk check -r all` first (it moves such files aside)", ErrCorrupt, name, oldN)
+		}
+	}
+	if np.Layout == LayoutSparse {
+		if err := checkRoom(fsys, path, (np.Sectors()-old.Sectors())*lut.EntrySize, "the LUT's new entries"); err != nil {
+			return err
+		}
+	}
 	if err := lock.setIntent(&desc, IntentResize); err != nil {
 		return err
 	}
-	oldN, newN := old.Segments(), np.Segments()
 	if old.Layout == LayoutSplit {
 		// The old last segment may have been short: lengthen it.
 		name := segment.Name(path, oldN-1)

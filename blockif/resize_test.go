@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -257,4 +258,79 @@ func TestResizeProgress(t *testing.T) {
 		}
 		check(t, "raw shrink", calls, 2<<20)
 	})
+}
+
+// TestResizeGrowRefusalKeepsStray: a grow refused because a segment file
+// already exists past the image records no intent, so the repair the
+// message suggests moves that file aside (data kept) instead of finishing
+// a "resize" that would delete it.
+func TestResizeGrowRefusalKeepsStray(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
+	path := testImageNoCheck(t, p)
+	stray := segment.Name(path, 2)
+	if err := os.WriteFile(stray, bytes.Repeat([]byte{3}, 8192), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Resize(path, 256<<10, nil); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("grow over a stray segment: %v, want ErrCorrupt", err)
+	}
+	if desc, err := ReadDescriptor(nil, path); err != nil || desc.Intent != "" {
+		t.Fatalf("refused grow left intent %q (%v)", desc.Intent, err)
+	}
+	if _, err := Repair(path, RepairAll, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(stray + ".orphaned"); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{3}, 8192)) {
+		t.Fatalf("stray segment's data after repair: %v (%d bytes)", err, len(got))
+	}
+}
+
+// TestHugeSizesRefused: sizes near 2^63 must not overflow the segment
+// count into something that passes validation, and a LUT larger than the
+// file system's free space is refused before anything is written.
+func TestHugeSizesRefused(t *testing.T) {
+	huge := Params{Layout: LayoutSparse, Size: 1<<63 - 4096, Split: 64 << 10, SectorSize: 4096}
+	if n := huge.Segments(); n <= 0 {
+		t.Fatalf("Segments() = %d for size 2^63-4096", n)
+	}
+	if err := huge.Validate(); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("Validate(2^63-4096, split 64k) = %v, want ErrInvalid (too many segments)", err)
+	}
+	dir := t.TempDir()
+	path := filepath.Join(dir, "big.img")
+	big := Params{Layout: LayoutSparse, Size: 8000 << 50, Split: 128 << 40, SectorSize: 65536} // 512 TiB of LUT
+	if err := Create(path, big, nil); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("Create with a 512 TiB LUT: %v, want ENOSPC", err)
+	}
+	if files, _ := filepath.Glob(filepath.Join(dir, "*")); len(files) != 0 {
+		t.Fatalf("refused create left files: %v", files)
+	}
+	small := testImageNoCheck(t, Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096})
+	if _, err := Resize(small, 8000<<50, nil); !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, ErrInvalid) {
+		t.Fatalf("grow to 8000 PiB: %v, want a refusal", err)
+	}
+	if desc, _ := ReadDescriptor(nil, small); desc.Size != 1<<20 || desc.Intent != "" {
+		t.Fatalf("refused grow changed the descriptor: %+v", desc)
+	}
+}
+
+// TestCreateCleansUpOnFailure: a create that fails part-way removes the
+// files it made, so a retry is not refused as "already exists".
+func TestCreateCleansUpOnFailure(t *testing.T) {
+	ffs := vfs.NewFaultFS(vfs.NewMemFS())
+	ffs.SetFault(func(op vfs.Op, name string, off, n int64) error {
+		if strings.HasSuffix(name, lut.Suffix) && op == vfs.OpWrite {
+			return syscall.ENOSPC
+		}
+		return nil
+	})
+	path := "/img/disk.img"
+	p := Params{Layout: LayoutSparse, Size: 4 << 20, Split: 1 << 20, SectorSize: 4096}
+	if err := Create(path, p, &Options{FS: ffs}); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("create with a failing LUT write: %v, want ENOSPC", err)
+	}
+	ffs.SetFault(nil)
+	if err := Create(path, p, &Options{FS: ffs}); err != nil {
+		t.Fatalf("retry after the failed create: %v", err)
+	}
 }

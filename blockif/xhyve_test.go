@@ -41,10 +41,12 @@ func TestXhyveAdopt(t *testing.T) {
 	p := Params{Layout: LayoutSparse, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}
 	// Wrong parameters are refused, and write nothing.
 	for _, bad := range []Params{
-		{Size: 64 << 10, Split: 32 << 10, SectorSize: 512},  // LUT too long for this size
-		{Size: 96 << 10, Split: 32 << 10, SectorSize: 4096}, // LUT length mismatch
-		{Size: 96 << 10, Split: 16 << 10, SectorSize: 512},  // entries past segment ends
-		{Size: 128 << 10, Split: 32 << 10, SectorSize: 512}, // segment missing / LUT short
+		{Size: 64 << 10, Split: 32 << 10, SectorSize: 512},                      // LUT too long for this size
+		{Size: 96 << 10, Split: 32 << 10, SectorSize: 4096},                     // LUT length mismatch
+		{Size: 96 << 10, Split: 16 << 10, SectorSize: 512},                      // entries past segment ends
+		{Size: 128 << 10, Split: 32 << 10, SectorSize: 512},                     // segment missing / LUT short
+		{Size: 96 << 10, Split: 40 << 10, SectorSize: 512},                      // same segment count, entries cut wrong: shared slots
+		{Layout: LayoutSplit, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}, // a LUT exists: not a split image
 	} {
 		if err := Adopt(path, bad, nil); err == nil {
 			t.Errorf("Adopt(%+v) accepted wrong parameters", bad)
@@ -93,5 +95,33 @@ func TestXhyveAdopt(t *testing.T) {
 	}
 	if err := Adopt(path, p, nil); !errors.Is(err, ErrExist) || !strings.Contains(err.Error(), path) {
 		t.Errorf("second Adopt: %v", err)
+	}
+}
+
+// TestAdoptWrongSplitSharedSlots: a wrong split= that gives the same
+// segment count and keeps every entry inside its file still cuts the LUT
+// at the wrong places, so slots get claimed twice; adopt must see that
+// rather than write a descriptor that serves wrong data.
+func TestAdoptWrongSplitSharedSlots(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 1 << 20, Split: 256 << 10, SectorSize: 512}
+	path := testImageNoCheck(t, p)
+	d := mustOpen(t, path, nil)
+	if _, err := d.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil { // as xhyve leaves it: no descriptor
+		t.Fatal(err)
+	}
+	bad := p
+	bad.Split = 300 << 10 // still 4 segments
+	err := Adopt(path, bad, nil)
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "both map to slot") {
+		t.Fatalf("Adopt with split 300k: %v, want a shared-slot refusal", err)
+	}
+	if err := Adopt(path, p, nil); err != nil {
+		t.Fatalf("Adopt with the right split: %v", err)
 	}
 }
