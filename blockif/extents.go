@@ -1,6 +1,8 @@
 package blockif
 
 import (
+	"fmt"
+
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
@@ -57,6 +59,27 @@ func (d *Disk) Extents(off, n int64) ([]Extent, error) {
 		s.mu.RUnlock()
 	}
 	return out, nil
+}
+
+// ReleaseTables drops the LUT parts a read-only Disk has loaded, so a
+// scan of a huge image (map of 1 TiB: 1 GiB of LUT at 4 KiB sectors) can
+// keep only the segment at hand in memory; they are read again when next
+// needed. A writable Disk refuses (ErrInvalid): its tables may hold
+// entries not yet flushed to P.lut.
+func (d *Disk) ReleaseTables() error {
+	if err := d.enter(); err != nil {
+		return err
+	}
+	defer d.leave()
+	if !d.readOnly {
+		return fmt.Errorf("%w: ReleaseTables needs a read-only Disk", ErrInvalid)
+	}
+	for _, s := range d.segs {
+		s.mu.Lock()
+		s.tab, s.err = nil, nil
+		s.mu.Unlock()
+	}
+	return nil
 }
 
 // Stats summarises an image.

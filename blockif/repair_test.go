@@ -2,6 +2,7 @@ package blockif
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -272,5 +273,40 @@ func TestCheckProgress(t *testing.T) {
 	want := []int64{64 << 10, 128 << 10, 192 << 10, p.Size}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("progress calls %v, want %v", got, want)
+	}
+}
+
+// TestReleaseTables: a read-only Disk drops its loaded LUT parts and reads
+// them again when needed (same answers); a writable Disk refuses, since
+// its tables may hold entries not yet in P.lut.
+func TestReleaseTables(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
+	path := testImage(t, p, nil, false)
+	w := mustOpen(t, path, nil)
+	if _, err := w.WriteAt(bytes.Repeat([]byte{4}, 4096), 2*4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ReleaseTables(); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("ReleaseTables on a writable Disk: %v, want ErrInvalid", err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r := mustOpen(t, path, &Options{ReadOnly: true})
+	defer r.Close()
+	before, err := r.Extents(0, p.Size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReleaseTables(); err != nil {
+		t.Fatal(err)
+	}
+	after, err := r.Extents(0, p.Size)
+	if err != nil || fmt.Sprint(before) != fmt.Sprint(after) {
+		t.Fatalf("extents after release %v (%v), before %v", after, err, before)
+	}
+	buf := make([]byte, 4096)
+	if _, err := r.ReadAt(buf, 2*4096); err != nil || buf[0] != 4 {
+		t.Fatalf("read after release: %v, byte %d", err, buf[0])
 	}
 }

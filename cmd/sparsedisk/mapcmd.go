@@ -39,9 +39,26 @@ func mapAction(c *cli.Context) error {
 		return err
 	}
 	defer d.Close()
-	ext, err := d.Extents(0, d.Size())
-	if err != nil {
-		return fmt.Errorf("map %s: %w", path, err)
+	// One segment at a time, releasing its LUT part after, so mapping a
+	// huge image needs memory for one segment's entries, not all.
+	var ext []blockif.Extent
+	step := d.Params().Split
+	if step <= 0 {
+		step = d.Size()
+	}
+	for off := int64(0); off < d.Size(); off += step {
+		e, err := d.Extents(off, min(step, d.Size()-off))
+		if err != nil {
+			return fmt.Errorf("map %s: %w", path, err)
+		}
+		if k := len(ext) - 1; k >= 0 && len(e) > 0 && ext[k].Allocated == e[0].Allocated {
+			ext[k].Length += e[0].Length // a run continuing across segments
+			e = e[1:]
+		}
+		ext = append(ext, e...)
+		if err := d.ReleaseTables(); err != nil {
+			return fmt.Errorf("map %s: %w", path, err)
+		}
 	}
 	w := c.App.Writer
 	if op := unfinishedOp(path); op != "" {
