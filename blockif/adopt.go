@@ -23,6 +23,12 @@ func Adopt(path string, p Params, o *Options) error {
 		return fmt.Errorf("%w: a raw image needs no adoption", ErrInvalid)
 	}
 	if err := p.Validate(); err != nil {
+		// xhyve took sizes that are not whole sectors and kept
+		// floor(size/sectorsize) entries: name the size the LUT holds.
+		if fi, serr := fsys.Stat(path + lut.Suffix); serr == nil && p.SectorSize > 0 && p.Size%p.SectorSize != 0 {
+			entries := fi.Size() / lut.EntrySize
+			return fmt.Errorf("%w; %s holds %d entries of %d-byte sectors: adopt with size=%d", err, path+lut.Suffix, entries, p.SectorSize, entries*p.SectorSize)
+		}
 		return err
 	}
 	if _, err := fsys.Stat(path); err == nil {

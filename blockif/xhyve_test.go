@@ -125,3 +125,14 @@ func TestAdoptWrongSplitSharedSlots(t *testing.T) {
 		t.Fatalf("Adopt with the right split: %v", err)
 	}
 }
+
+// TestAdoptSizeHint: a size that is not whole sectors (xhyve accepted such
+// sizes and kept floor(size/sectorsize) LUT entries) is refused with the
+// size the LUT actually holds.
+func TestAdoptSizeHint(t *testing.T) {
+	path := copyFixture(t, "hdd512.img")
+	err := Adopt(path, Params{Layout: LayoutSparse, Size: 96<<10 + 100, Split: 32 << 10, SectorSize: 512}, nil)
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "adopt with size=98304") {
+		t.Fatalf("Adopt with size 96k+100: %v, want the hint size=98304", err)
+	}
+}
