@@ -4,6 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/sparsedisk/sparsedisk/lut"
@@ -322,33 +326,71 @@ func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
 				Message: fmt.Sprintf("LUT is %d bytes, want %d (%d sectors × %d)", fi.Size(), want, p.Sectors(), lut.EntrySize)})
 		}
 	}
+	for _, x := range extraSegments(fsys, path, nseg) {
+		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, x.size)})
+	}
+}
+
+// extraSegment is a segment file past an image's geometry.
+type extraSegment struct {
+	index int
+	name  string
+	size  int64
+}
+
+// extraSegments finds the segment files of the image at path with an
+// index of nseg or more, in index order; one trailing empty file at nseg
+// is xhyve's habit and not reported. Files are probed one index after the
+// other; on the operating system's file system the directory is also
+// listed, so a stray file after a gap in the numbering is found too.
+func extraSegments(fsys vfs.FS, path string, nseg int) []extraSegment {
+	var out []extraSegment
+	seen := map[int]bool{}
 	for i := nseg; ; i++ {
 		name := segment.Name(path, i)
 		fi, err := fsys.Stat(name)
 		if err != nil {
-			return
+			break
 		}
+		seen[i] = true
 		if fi.Size() == 0 && i == nseg {
-			continue // xhyve's trailing empty segment
+			continue
 		}
-		r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, fi.Size())})
+		out = append(out, extraSegment{i, name, fi.Size()})
 	}
+	if _, ok := fsys.(vfs.OS); !ok {
+		return out
+	}
+	ents, err := os.ReadDir(filepath.Dir(path))
+	if err != nil {
+		return out
+	}
+	base := filepath.Base(path) + "."
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), base)
+		if !ok || len(rest) < 4 || strings.Trim(rest, "0123456789") != "" {
+			continue
+		}
+		i, err := strconv.Atoi(rest)
+		if err != nil || i < nseg || seen[i] || segment.Name(path, i) != filepath.Join(filepath.Dir(path), e.Name()) {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil || !fi.Mode().IsRegular() {
+			continue
+		}
+		out = append(out, extraSegment{i, segment.Name(path, i), fi.Size()})
+	}
+	sort.Slice(out, func(a, b int) bool { return out[a].index < out[b].index })
+	return out
 }
 
 // checkExtraSegments reports segment files past the geometry; one
 // trailing empty file is xhyve's habit and is tolerated.
 func (d *Disk) checkExtraSegments(r *Report) {
-	for i := len(d.segs); ; i++ {
-		name := segment.Name(d.path, i)
-		fi, err := d.fs.Stat(name)
-		if errors.Is(err, fs.ErrNotExist) || err != nil {
-			return
-		}
-		if fi.Size() == 0 && i == len(d.segs) {
-			continue
-		}
-		r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), fi.Size())})
+	for _, x := range extraSegments(d.fs, d.path, len(d.segs)) {
+		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), x.size)})
 	}
 }

@@ -232,21 +232,13 @@ func (rp *repairer) files() error {
 				Message: fmt.Sprintf("segment file was %d bytes, longer than its %d: cut to length (the bytes past it were not part of the disk)", fi.Size(), want)})
 		}
 	}
-	for i := p.Segments(); ; i++ {
-		name := segment.Name(rp.path, i)
-		fi, err := fsys.Stat(name)
-		if err != nil {
-			break
-		}
-		if i == p.Segments() && fi.Size() == 0 {
-			continue // xhyve's trailing empty segment
-		}
-		if err := fsys.Rename(name, name+".orphaned"); err != nil {
-			return fmt.Errorf("move %s aside: %w", name, err)
+	for _, x := range extraSegments(fsys, rp.path, p.Segments()) {
+		if err := fsys.Rename(x.name, x.name+".orphaned"); err != nil {
+			return fmt.Errorf("move %s aside: %w", x.name, err)
 		}
 		changedDir = true
-		rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: -1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes) moved aside to %s.orphaned", p.Segments(), fi.Size(), name)})
+		rp.rep.add(RepairAction{File: x.name, Segment: x.index, Sector: -1, Slot: -1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes) moved aside to %s.orphaned", p.Segments(), x.size, x.name)})
 	}
 	if p.Layout == LayoutSparse {
 		name := rp.path + lut.Suffix

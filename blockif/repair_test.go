@@ -310,3 +310,37 @@ func TestReleaseTables(t *testing.T) {
 		t.Fatalf("read after release: %v, byte %d", err, buf[0])
 	}
 }
+
+// TestStraySegmentAfterGap: a segment file past the geometry is found even
+// when the numbering has a gap before it (the directory is listed), and
+// repair moves it aside with its data.
+func TestStraySegmentAfterGap(t *testing.T) {
+	p := Params{Layout: LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
+	path := testImageNoCheck(t, p)
+	stray := segment.Name(path, 5) // .0002 to .0004 do not exist
+	if err := os.WriteFile(stray, []byte("data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// Files that only share the prefix are not segments.
+	for _, other := range []string{path + ".0005.bak", path + ".01", path + ".lut.old"} {
+		if err := os.WriteFile(other, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := Check(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Corruptions != 1 || len(r.Findings) != 1 || r.Findings[0].File != stray {
+		t.Fatalf("check found %+v; want exactly the stray %s", r.Findings, stray)
+	}
+	if _, err := Repair(path, RepairAll, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(stray + ".orphaned"); err != nil || string(got) != "data" {
+		t.Fatalf("stray after repair: %q, %v", got, err)
+	}
+	if r, err := Check(path, nil); err != nil || !r.Clean() {
+		t.Fatalf("after repair: %+v, %v", r, err)
+	}
+}
