@@ -705,7 +705,13 @@ func TestHostileRequests(t *testing.T) {
 			t.Fatalf("%s: %d bytes, open %v after %v; want the connection dropped without a reply", name, n, open, took)
 		}
 	}
+	// The attack above can end within milliseconds, before the
+	// well-behaved client's first round: give it the time for one while
+	// the hostile connections c and sc are still open.
 	after := w.rounds.Load()
+	for deadline := time.Now().Add(10 * time.Second); after <= before && time.Now().Before(deadline); after = w.rounds.Load() {
+		time.Sleep(5 * time.Millisecond)
+	}
 	c.request(cmdDisc, 0, 3, 0, 0, nil)
 	c.expectClosed()
 	sc.request(cmdDisc, 0, 9, 0, 0, nil)
