@@ -9,13 +9,14 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // TestBadInput: each broken image gives a clear error naming the file,
 // never a panic.
 func TestBadInput(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
 	mk := func(t *testing.T) string {
 		path := testImageNoCheck(t, p)
 		d := mustOpen(t, path, nil)
@@ -86,7 +87,7 @@ func TestBadInput(t *testing.T) {
 }
 
 func TestSecondWriter(t *testing.T) {
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}, nil, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}, nil, false)
 	d := mustOpen(t, path, nil)
 	defer d.Close()
 	if _, err := Open(path, nil); !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), path) {
@@ -98,21 +99,21 @@ func TestSecondWriter(t *testing.T) {
 }
 
 func TestDirtyState(t *testing.T) {
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}, nil, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}, nil, false)
 	d := mustOpen(t, path, nil)
-	desc, err := ReadDescriptor(nil, path)
-	if err != nil || desc.State != StateDirty {
+	desc, err := format.ReadDescriptor(nil, path)
+	if err != nil || desc.State != format.StateDirty {
 		t.Errorf("while open for writing: state %q (%v), want dirty", desc.State, err)
 	}
 	d.Close()
-	desc, _ = ReadDescriptor(nil, path)
-	if desc.State != StateClean {
+	desc, _ = format.ReadDescriptor(nil, path)
+	if desc.State != format.StateClean {
 		t.Errorf("after close: state %q, want clean", desc.State)
 	}
 	r := mustOpen(t, path, &Options{ReadOnly: true})
 	defer r.Close()
-	desc, _ = ReadDescriptor(nil, path)
-	if desc.State != StateClean {
+	desc, _ = format.ReadDescriptor(nil, path)
+	if desc.State != format.StateClean {
 		t.Errorf("read-only open changed state to %q", desc.State)
 	}
 	if _, err := r.WriteAt([]byte{1}, 0); !errors.Is(err, ErrReadOnly) {
@@ -121,7 +122,7 @@ func TestDirtyState(t *testing.T) {
 }
 
 func TestOutOfRange(t *testing.T) {
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 19, SectorSize: 4096}, nil, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 19, SectorSize: 4096}, nil, false)
 	d := mustOpen(t, path, nil)
 	defer d.Close()
 	for _, c := range []struct{ off, n int64 }{{-1, 1}, {1 << 20, 1}, {1<<20 - 1, 2}, {0, 1<<20 + 1}} {
@@ -138,7 +139,7 @@ func TestOutOfRange(t *testing.T) {
 }
 
 // testImageNoCheck creates an image that the test will deliberately break.
-func testImageNoCheck(t *testing.T, p Params) string {
+func testImageNoCheck(t *testing.T, p format.Params) string {
 	t.Helper()
 	path := t.TempDir() + "/disk.img"
 	if err := Create(path, p, nil); err != nil {
@@ -172,7 +173,7 @@ func replaceIn(path, old, new string) error {
 // checked on open; corruption found then refuses a writer (which would
 // build on it) and only warns a reader, naming the first problem.
 func TestDirtyCorruptRefused(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}
 	path := testImageNoCheck(t, p)
 	d := mustOpen(t, path, nil)
 	if _, err := d.WriteAt(bytes.Repeat([]byte{9}, 8192), 0); err != nil {
@@ -181,12 +182,12 @@ func TestDirtyCorruptRefused(t *testing.T) {
 	if err := d.Close(); err != nil {
 		t.Fatal(err)
 	}
-	desc, err := ReadDescriptor(nil, path)
+	desc, err := format.ReadDescriptor(nil, path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	desc.State = StateDirty
-	if err := WriteDescriptor(nil, path, desc); err != nil {
+	desc.State = format.StateDirty
+	if err := format.WriteDescriptor(nil, path, desc); err != nil {
 		t.Fatal(err)
 	}
 	// Sector 7's entry points far past the end of the 2-slot segment.
@@ -211,7 +212,7 @@ func TestDirtyCorruptRefused(t *testing.T) {
 	if !strings.Contains(logs.String(), "not closed cleanly") || !strings.Contains(logs.String(), "corruptions=1") {
 		t.Fatalf("read-only open logged %q, want the dirty-image warning with 1 corruption", logs.String())
 	}
-	if desc, _ := ReadDescriptor(nil, path); desc.State != StateDirty {
+	if desc, _ := format.ReadDescriptor(nil, path); desc.State != format.StateDirty {
 		t.Fatalf("refused opens changed the state to %q", desc.State)
 	}
 }
@@ -221,7 +222,7 @@ func TestDirtyCorruptRefused(t *testing.T) {
 // sectors of the segment read back (a writer is still refused: it would
 // build on the corruption).
 func TestReadOnlySalvage(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
 	path := testImageNoCheck(t, p)
 	d := mustOpen(t, path, nil)
 	for s := int64(0); s < 8; s++ {

@@ -4,14 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -62,12 +58,12 @@ func (f Finding) String() string {
 
 // Report is the result of Check.
 type Report struct {
-	Image       string    `json:"image"`
-	Layout      Layout    `json:"layout"`
-	Findings    []Finding `json:"findings"`
-	Corruptions int       `json:"corruptions"`
-	Leaks       int       `json:"leaks"`
-	LeakedSlots int64     `json:"leaked_slots"`
+	Image       string        `json:"image"`
+	Layout      format.Layout `json:"layout"`
+	Findings    []Finding     `json:"findings"`
+	Corruptions int           `json:"corruptions"`
+	Leaks       int           `json:"leaks"`
+	LeakedSlots int64         `json:"leaked_slots"`
 	// AllocatedSectors counts LUT entries that reference a slot.
 	AllocatedSectors int64 `json:"allocated_sectors"`
 	// Slots counts slots in all segment files (live, leaked or punched).
@@ -100,11 +96,42 @@ func (r *Report) firstCorruption() string {
 	return ""
 }
 
-// Check opens the image at path read-only (shared lock) and checks it
-// without changing a byte. Unlike Open it reports a broken image through
-// the Report where it can (missing segments, bad LUT entries, a truncated
-// LUT) instead of failing.
+// Check is the one consistency check of an image, run by `sparsedisk
+// check`, by the offline tools' tests and in the cleanup of every engine
+// test. It opens the image at path read-only (shared lock) and checks it
+// without changing a byte: every LUT entry against its segment file, slots
+// shared by two entries, unreferenced slots holding data (leaks), segment
+// files beyond the geometry, an unfinished offline operation recorded in
+// the descriptor, and a LUT longer than the disk's sectors. Unlike Open it
+// reports a broken image through the Report where it can (missing
+// segments, bad LUT entries, a truncated LUT, an unparsable descriptor)
+// instead of failing. Of o, only FS, Logger and Progress are used.
 func Check(path string, o *Options) (*Report, error) {
+	r, err := checkFiles(path, o)
+	if err != nil {
+		return nil, err
+	}
+	fsys := o.fs()
+	desc, err := format.ReadDescriptor(fsys, path)
+	if err != nil {
+		return r, nil // raw image, or a descriptor already reported
+	}
+	if desc.Intent != "" {
+		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
+	}
+	if desc.Layout == format.LayoutSparse {
+		if fi, err := fsys.Stat(format.LUTName(path)); err == nil && fi.Size() > desc.Sectors()*lut.EntrySize {
+			r.add(Finding{Kind: Corruption, File: format.LUTName(path), Segment: -1, Sector: desc.Sectors(), Slot: -1, Count: 1,
+				Message: fmt.Sprintf("LUT is %d bytes, longer than the %d entries the size needs", fi.Size(), desc.Sectors())})
+		}
+	}
+	return r, nil
+}
+
+// checkFiles is the part of Check that opens the image: the files and
+// every LUT entry, through an open Disk (see [Disk.check]).
+func checkFiles(path string, o *Options) (*Report, error) {
 	oo := Options{ReadOnly: true, NoDirtyCheck: true}
 	var progress func(done, total int64)
 	if o != nil {
@@ -112,8 +139,8 @@ func Check(path string, o *Options) (*Report, error) {
 	}
 	fsys := oo.fs()
 	if fi, err := fsys.Stat(path); err == nil {
-		if isDesc, _ := isDescriptor(fsys, path, fi.Size()); isDesc {
-			if _, err := ReadDescriptor(fsys, path); errors.Is(err, ErrInvalid) {
+		if isDesc, _ := format.IsDescriptor(fsys, path, fi.Size()); isDesc {
+			if _, err := format.ReadDescriptor(fsys, path); errors.Is(err, ErrInvalid) {
 				// A descriptor (segments or a LUT lie beside it) that
 				// cannot be parsed: the image is corrupt, not merely
 				// uncheckable.
@@ -130,7 +157,7 @@ func Check(path string, o *Options) (*Report, error) {
 		}
 		// Structural corruption: report it from the descriptor alone,
 		// one finding per problem, so a repair plan sees all of them.
-		desc, derr := ReadDescriptor(fsys, path)
+		desc, derr := format.ReadDescriptor(fsys, path)
 		if derr != nil {
 			return nil, err
 		}
@@ -149,28 +176,16 @@ func Check(path string, o *Options) (*Report, error) {
 	return d.check(nil, progress)
 }
 
-// Check checks the open image: every LUT entry against its segment file,
-// slots shared by two entries, unreferenced slots holding data (leaks),
-// and segment files beyond the geometry. On a Disk with writes in flight
-// the result may include findings that are only transient.
-func (d *Disk) Check() (*Report, error) {
-	if err := d.enter(); err != nil {
-		return nil, err
-	}
-	defer d.leave()
-	return d.check(nil, nil)
-}
-
 // check walks every segment; visit, if not nil, is called for each
 // segment's entries (a copy) and the file's slot count, progress (if not
 // nil) after each segment with the bytes of the disk covered so far.
 func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64), progress func(done, total int64)) (*Report, error) {
 	r := &Report{Image: d.path, Layout: d.desc.Layout}
-	if d.desc.Layout == LayoutRaw {
+	if d.desc.Layout == format.LayoutRaw {
 		return r, nil
 	}
 	d.checkExtraSegments(r)
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		return r, nil
 	}
 	ss := d.desc.SectorSize
@@ -295,11 +310,11 @@ func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
 // than their part of the disk, a missing LUT or one of the wrong length,
 // and segment files past the geometry (scanned up to the first index that
 // does not exist, as the FS seam has no directory listing).
-func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
+func structuralFindings(fsys vfs.FS, path string, desc format.Descriptor, r *Report) {
 	p := desc.Params
 	nseg := p.Segments()
 	for i := 0; i < nseg; i++ {
-		name := segment.Name(path, i)
+		name := format.SegmentName(path, i)
 		fi, err := fsys.Stat(name)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
@@ -307,12 +322,12 @@ func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
 				Message: fmt.Sprintf("segment file is missing (image has %d segments)", nseg)})
 		case err != nil:
 			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1, Message: err.Error()})
-		case p.Layout == LayoutSplit && fi.Size() > min(p.Split, p.Size-int64(i)*p.Split):
+		case p.Layout == format.LayoutSplit && fi.Size() > min(p.Split, p.Size-int64(i)*p.Split):
 			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
 				Message: fmt.Sprintf("segment file is %d bytes, longer than its %d", fi.Size(), min(p.Split, p.Size-int64(i)*p.Split))})
 		}
 	}
-	if p.Layout == LayoutSparse {
+	if p.Layout == format.LayoutSparse {
 		name := path + lut.Suffix
 		want := p.Sectors() * lut.EntrySize
 		fi, err := fsys.Stat(name)
@@ -326,71 +341,17 @@ func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
 				Message: fmt.Sprintf("LUT is %d bytes, want %d (%d sectors × %d)", fi.Size(), want, p.Sectors(), lut.EntrySize)})
 		}
 	}
-	for _, x := range extraSegments(fsys, path, nseg) {
-		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, x.size)})
+	for _, x := range format.ExtraSegments(fsys, path, nseg) {
+		r.add(Finding{Kind: Corruption, File: x.Name, Segment: x.Index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, x.Size)})
 	}
-}
-
-// extraSegment is a segment file past an image's geometry.
-type extraSegment struct {
-	index int
-	name  string
-	size  int64
-}
-
-// extraSegments finds the segment files of the image at path with an
-// index of nseg or more, in index order; one trailing empty file at nseg
-// is xhyve's habit and not reported. Files are probed one index after the
-// other; on the operating system's file system the directory is also
-// listed, so a stray file after a gap in the numbering is found too.
-func extraSegments(fsys vfs.FS, path string, nseg int) []extraSegment {
-	var out []extraSegment
-	seen := map[int]bool{}
-	for i := nseg; ; i++ {
-		name := segment.Name(path, i)
-		fi, err := fsys.Stat(name)
-		if err != nil {
-			break
-		}
-		seen[i] = true
-		if fi.Size() == 0 && i == nseg {
-			continue
-		}
-		out = append(out, extraSegment{i, name, fi.Size()})
-	}
-	if _, ok := fsys.(vfs.OS); !ok {
-		return out
-	}
-	ents, err := os.ReadDir(filepath.Dir(path))
-	if err != nil {
-		return out
-	}
-	base := filepath.Base(path) + "."
-	for _, e := range ents {
-		rest, ok := strings.CutPrefix(e.Name(), base)
-		if !ok || len(rest) < 4 || strings.Trim(rest, "0123456789") != "" {
-			continue
-		}
-		i, err := strconv.Atoi(rest)
-		if err != nil || i < nseg || seen[i] || segment.Name(path, i) != filepath.Join(filepath.Dir(path), e.Name()) {
-			continue
-		}
-		fi, err := e.Info()
-		if err != nil || !fi.Mode().IsRegular() {
-			continue
-		}
-		out = append(out, extraSegment{i, segment.Name(path, i), fi.Size()})
-	}
-	sort.Slice(out, func(a, b int) bool { return out[a].index < out[b].index })
-	return out
 }
 
 // checkExtraSegments reports segment files past the geometry; one
 // trailing empty file is xhyve's habit and is tolerated.
 func (d *Disk) checkExtraSegments(r *Report) {
-	for _, x := range extraSegments(d.fs, d.path, len(d.segs)) {
-		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), x.size)})
+	for _, x := range format.ExtraSegments(d.fs, d.path, len(d.segs)) {
+		r.add(Finding{Kind: Corruption, File: x.Name, Segment: x.Index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), x.Size)})
 	}
 }

@@ -8,13 +8,15 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // TestConcurrentSameSector: many writers racing for the same unallocated
 // sectors allocate exactly one slot per sector.
 func TestConcurrentSameSector(t *testing.T) {
 	const ss = 4096
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 64 * ss, Split: 16 * ss, SectorSize: ss}, nil, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 64 * ss, Split: 16 * ss, SectorSize: ss}, nil, false)
 	d := mustOpen(t, path, nil)
 	var wg sync.WaitGroup
 	for g := 0; g < 16; g++ {
@@ -51,7 +53,7 @@ func TestConcurrentModel(t *testing.T) {
 			t.Logf("seed %d", seed)
 			const workers = 8
 			size := 64 * ss
-			path := testImage(t, Params{Layout: LayoutSparse, Size: size, Split: 8 * ss, SectorSize: ss}, nil, false)
+			path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: size, Split: 8 * ss, SectorSize: ss}, nil, false)
 			d := mustOpen(t, path, nil)
 			defer d.Close()
 			model := make([]byte, size)
@@ -118,7 +120,7 @@ func TestConcurrentModel(t *testing.T) {
 func TestSyncCloseDuringIO(t *testing.T) {
 	for _, op := range []string{"write", "zero"} {
 		t.Run(op, func(t *testing.T) {
-			p := Params{Layout: LayoutSparse, Size: 256 << 20, Split: 64 << 20, SectorSize: 4096}
+			p := format.Params{Layout: format.LayoutSparse, Size: 256 << 20, Split: 64 << 20, SectorSize: 4096}
 			path := testImage(t, p, nil, false)
 			d := mustOpen(t, path, &Options{Sync: true})
 			buf := bytes.Repeat([]byte{0xA5}, 1<<20)

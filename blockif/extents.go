@@ -3,6 +3,7 @@ package blockif
 import (
 	"fmt"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
@@ -29,7 +30,7 @@ func (d *Disk) Extents(off, n int64) ([]Extent, error) {
 	if n == 0 {
 		return nil, nil
 	}
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		return []Extent{{Offset: off, Length: n, Allocated: true}}, nil
 	}
 	var out []Extent
@@ -84,7 +85,7 @@ func (d *Disk) ReleaseTables() error {
 
 // Stats summarises an image.
 type Stats struct {
-	Params
+	format.Params
 	State    string `json:"state"`
 	Segments int    `json:"segments"`
 	// AllocatedBytes is the data the disk holds: allocated sectors × sector
@@ -111,7 +112,7 @@ func (d *Disk) Stats() (Stats, error) {
 	defer d.leave()
 	st := Stats{Params: d.desc.Params, State: d.desc.State, Segments: len(d.segs)}
 	if !d.readOnly {
-		st.State = StateDirty
+		st.State = format.StateDirty
 	}
 	for _, s := range d.segs {
 		a, err := s.Allocated()
@@ -120,7 +121,7 @@ func (d *Disk) Stats() (Stats, error) {
 		}
 		st.OnDiskBytes += a
 	}
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		st.AllocatedBytes = st.OnDiskBytes
 		return st, nil
 	}

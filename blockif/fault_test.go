@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -17,7 +18,7 @@ import (
 func TestDiskFull(t *testing.T) {
 	const ss = 4096
 	ffs := vfs.NewFaultFS(vfs.NewMemFS())
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 64 * ss, Split: 16 * ss, SectorSize: ss}, ffs, true)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 64 * ss, Split: 16 * ss, SectorSize: ss}, ffs, true)
 	d := mustOpen(t, path, &Options{FS: ffs})
 	a := bytes.Repeat([]byte{0xA1}, 4*ss)
 	if _, err := d.WriteAt(a, 0); err != nil {
@@ -73,7 +74,7 @@ func TestDiskFull(t *testing.T) {
 func TestReadEIO(t *testing.T) {
 	const ss = 4096
 	ffs := vfs.NewFaultFS(vfs.NewMemFS())
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 32 * ss, Split: 16 * ss, SectorSize: ss}, ffs, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 32 * ss, Split: 16 * ss, SectorSize: ss}, ffs, false)
 	d := mustOpen(t, path, &Options{FS: ffs})
 	defer d.Close()
 	d.WriteAt(bytes.Repeat([]byte{1}, ss), 0)
@@ -106,7 +107,7 @@ func TestFlushSyncError(t *testing.T) {
 	const ss = 4096
 	mem := vfs.NewMemFS()
 	ffs := vfs.NewFaultFS(mem)
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 32 * ss, Split: 16 * ss, SectorSize: ss}, ffs, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 32 * ss, Split: 16 * ss, SectorSize: ss}, ffs, false)
 	d := mustOpen(t, path, &Options{FS: ffs})
 	d.WriteAt(bytes.Repeat([]byte{7}, ss), 3*ss)
 	ffs.SetFault(func(op vfs.Op, name string, off, n int64) error {

@@ -6,13 +6,14 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
 // testImage creates an image in a temp dir (or on fsys) and registers a
 // cleanup that runs Check on it after the test's own cleanups: any
 // corruption fails the test, and so do leaks unless allowLeaks.
-func testImage(t testing.TB, p Params, fsys vfs.FS, allowLeaks bool) string {
+func testImage(t testing.TB, p format.Params, fsys vfs.FS, allowLeaks bool) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := Create(path, p, &Options{FS: fsys}); err != nil {

@@ -5,11 +5,12 @@ import (
 	"fmt"
 	"syscall"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // zeros is a read-only buffer of zero bytes, as large as the largest sector.
-var zeros = make([]byte, MaxSectorSize)
+var zeros = make([]byte, format.MaxSectorSize)
 
 func isZero(p []byte) bool {
 	for len(p) > 0 {
@@ -122,7 +123,7 @@ func (d *Disk) readAt(p []byte, off int64) error {
 		n := min(int64(len(p)), split-segOff)
 		s := d.segs[i]
 		var err error
-		if d.desc.Layout == LayoutSparse {
+		if d.desc.Layout == format.LayoutSparse {
 			err = d.readSparse(s, p[:n], segOff)
 		} else {
 			err = s.ReadAt(p[:n], segOff)
@@ -217,7 +218,7 @@ func (d *Disk) writeLocked(p []byte, off int64) error {
 		n := min(int64(len(p)), split-segOff)
 		s := d.segs[i]
 		var err error
-		if d.desc.Layout == LayoutSparse {
+		if d.desc.Layout == format.LayoutSparse {
 			err = d.writeSparse(s, p[:n], segOff)
 		} else {
 			err = s.WriteAt(p[:n], segOff)
@@ -365,7 +366,7 @@ func (d *Disk) zero(off, n int64) error {
 
 func (d *Disk) zeroLocked(off, n int64) error {
 	ss := d.desc.SectorSize
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		// Punch whole 4 KiB-aligned blocks, write zeros at the edges.
 		split := d.desc.Split
 		for n > 0 {

@@ -7,12 +7,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
 // modelCase is one geometry for the model-based test.
 type modelCase struct {
-	layout     Layout
+	layout     format.Layout
 	sectorSize int64
 	split      int64
 	size       int64 // not a multiple of split: the last segment is short
@@ -20,12 +21,12 @@ type modelCase struct {
 
 func modelCases() []modelCase {
 	return []modelCase{
-		{LayoutSparse, 512, 8 << 10, 8<<10*5 + 3*512},
-		{LayoutSparse, 4096, 64 << 10, 64<<10*4 + 5*4096},
-		{LayoutSparse, 4096, 4096, 4096 * 7},
-		{LayoutSplit, 512, 8 << 10, 8<<10*3 + 512},
-		{LayoutSplit, 4096, 64 << 10, 64<<10*3 + 4096},
-		{LayoutRaw, 512, 0, 100000},
+		{format.LayoutSparse, 512, 8 << 10, 8<<10*5 + 3*512},
+		{format.LayoutSparse, 4096, 64 << 10, 64<<10*4 + 5*4096},
+		{format.LayoutSparse, 4096, 4096, 4096 * 7},
+		{format.LayoutSplit, 512, 8 << 10, 8<<10*3 + 512},
+		{format.LayoutSplit, 4096, 64 << 10, 64<<10*3 + 4096},
+		{format.LayoutRaw, 512, 0, 100000},
 	}
 }
 
@@ -51,7 +52,7 @@ func TestModel(t *testing.T) {
 
 func runModel(t *testing.T, mc modelCase, fsys vfs.FS, seed uint64, ops int) {
 	rng := rand.New(rand.NewPCG(seed, 1))
-	path := testImage(t, Params{Layout: mc.layout, Size: mc.size, Split: mc.split, SectorSize: mc.sectorSize}, fsys, false)
+	path := testImage(t, format.Params{Layout: mc.layout, Size: mc.size, Split: mc.split, SectorSize: mc.sectorSize}, fsys, false)
 	d := mustOpen(t, path, &Options{FS: fsys})
 	defer func() { d.Close() }()
 	size := d.Size()

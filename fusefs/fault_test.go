@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
@@ -75,7 +76,7 @@ func TestDiskFullFUSE(t *testing.T) {
 	needFUSE(t)
 	dir := faultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)
 	}
 	filler := filepath.Join(dir, "filler")
@@ -223,7 +224,7 @@ func TestReadEIOFUSE(t *testing.T) {
 	const mib = 1 << 20
 	ffs := vfs.NewFaultFS(vfs.OS{})
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { checkImage(t, path) })

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"golang.org/x/sys/unix"
 )
 
@@ -119,7 +120,7 @@ func unmountT(t testing.TB, m *Mount) {
 func newImage(t testing.TB, size, split, sector int64) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	p := blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: split, SectorSize: sector}
+	p := format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector}
 	if err := blockif.Create(path, p, nil); err != nil {
 		t.Fatalf("create: %v", err)
 	}

@@ -175,9 +175,8 @@ func TestPunchHoleFreesSpace(t *testing.T) {
 	if _, err := f.ReadAt(got, 0); err != nil || !bytes.Equal(got, data) {
 		t.Errorf("content after punch differs (err %v)", err)
 	}
-	if r, err := d.Check(); err != nil || r.Corruptions > 0 {
-		t.Errorf("check after punch: %v %+v", err, r)
-	}
+	// newImage's cleanup runs blockif.Check once the Disk is closed: the
+	// punched image must have no corruption.
 }
 
 // TestSparseCopy: cp --sparse=always of the file allocates what the image

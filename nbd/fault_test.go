@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
@@ -96,7 +97,7 @@ func TestDiskFullNBD(t *testing.T) {
 	)
 	dir := faultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)
 	}
 	filler := filepath.Join(dir, "filler")
@@ -280,7 +281,7 @@ func TestDiskFullNBD(t *testing.T) {
 		t.Fatalf("close once space is back: %v", err)
 	}
 	d = nil
-	if st, err := blockif.ReadDescriptor(nil, path); err != nil || st.State != blockif.StateClean {
+	if st, err := format.ReadDescriptor(nil, path); err != nil || st.State != format.StateClean {
 		t.Errorf("descriptor after close: %+v %v", st, err)
 	}
 	r, err = blockif.Check(path, nil)
@@ -299,7 +300,7 @@ func TestReadEIONBD(t *testing.T) {
 	const mib = 1 << 20
 	ffs := vfs.NewFaultFS(vfs.OS{})
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {

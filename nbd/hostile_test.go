@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 const hostileImageSize = 16 << 20
@@ -38,7 +39,7 @@ const hostileImageSize = 16 << 20
 func hostileImage(t *testing.T) *blockif.Disk {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Size: hostileImageSize, Split: 4 << 20, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Size: hostileImageSize, Split: 4 << 20, SectorSize: 4096}, nil); err != nil {
 		t.Fatal(err)
 	}
 	d, err := blockif.Open(path, nil)

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // *blockif.Disk is the backend the server is built for.
@@ -58,7 +59,7 @@ func needPython(t testing.TB) string {
 func newImage(t testing.TB, size, split, sector int64, ro bool) *blockif.Disk {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: split, SectorSize: sector}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector}, nil); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -78,7 +79,7 @@ func newImage(t testing.TB, size, split, sector int64, ro bool) *blockif.Disk {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := d.Close(); err != nil {
+		if err := d.Close(); err != nil && !errors.Is(err, blockif.ErrClosed) {
 			t.Errorf("close %s: %v", path, err)
 		}
 	})

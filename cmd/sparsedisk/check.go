@@ -10,6 +10,8 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 )
@@ -54,7 +56,7 @@ func quietFlag() cli.Flag {
 type checkJSON struct {
 	Image    string                `json:"image"`
 	Check    *blockif.Report       `json:"check"`
-	Repair   *blockif.RepairReport `json:"repair,omitempty"`
+	Repair   *offline.RepairReport `json:"repair,omitempty"`
 	After    *blockif.Report       `json:"after_repair,omitempty"`
 	ExitCode int                   `json:"exit_code"`
 }
@@ -72,14 +74,14 @@ func checkAction(c *cli.Context) error {
 	if output != "human" && output != "json" {
 		return cli.Exit(fmt.Sprintf("--output=%s: want human or json", output), exitCannot)
 	}
-	mode := blockif.RepairMode(fl.str("repair", ""))
-	if mode != "" && mode != blockif.RepairLeaks && mode != blockif.RepairAll {
+	mode := offline.RepairMode(fl.str("repair", ""))
+	if mode != "" && mode != offline.RepairLeaks && mode != offline.RepairAll {
 		return cli.Exit(fmt.Sprintf("-r %s: want leaks or all", mode), exitCannot)
 	}
 	quiet := fl.on("quiet")
 	w := c.App.Writer
 	progress, done := progressFor(c, !quiet && output == "human", "check")
-	r, err := blockif.CheckImage(path, &blockif.Options{Progress: progress})
+	r, err := blockif.Check(path, &blockif.Options{Progress: progress})
 	done()
 	if err != nil {
 		return cli.Exit(fmt.Sprintf("could not check %s: %v", path, err), exitCannot)
@@ -95,13 +97,13 @@ func checkAction(c *cli.Context) error {
 		return cli.Exit(fmt.Sprintf("%s: cannot repair: %s", path, badDescriptorHint(path)), exitCorruption)
 	}
 	if mode != "" && !r.Clean() {
-		rep, err := blockif.Repair(path, mode, nil)
+		rep, err := offline.Repair(path, mode, nil)
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("repair %s: %v", path, err), exitCannot)
 		}
 		doc.Repair = rep
 		progress, done := progressFor(c, !quiet && output == "human", "check after repair")
-		doc.After, err = blockif.CheckImage(path, &blockif.Options{Progress: progress})
+		doc.After, err = blockif.Check(path, &blockif.Options{Progress: progress})
 		done()
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("could not check %s after repair: %v", path, err), exitCannot)
@@ -124,7 +126,7 @@ func checkAction(c *cli.Context) error {
 			}
 		}
 		if doc.Repair != nil && doc.Repair.Actions == nil {
-			doc.Repair.Actions = []blockif.RepairAction{}
+			doc.Repair.Actions = []offline.RepairAction{}
 		}
 		e := json.NewEncoder(w)
 		e.SetIndent("", "  ")
@@ -175,7 +177,7 @@ func printCheck(w io.Writer, r *blockif.Report) {
 	} else {
 		fmt.Fprintf(w, "%s: %d corruption(s), %d leak(s) (%d slot(s)) (%s layout", r.Image, r.Corruptions, r.Leaks, r.LeakedSlots, r.Layout)
 	}
-	if r.Layout == blockif.LayoutSparse {
+	if r.Layout == format.LayoutSparse {
 		fmt.Fprintf(w, ", %d allocated sectors, %d slots, %d fragment breaks", r.AllocatedSectors, r.Slots, r.Fragments)
 	}
 	fmt.Fprintln(w, ")")

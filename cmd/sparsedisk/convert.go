@@ -6,7 +6,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -45,7 +46,7 @@ func convertAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	o := blockif.ConvertOptions{Overwrite: fl.on("overwrite")}
+	o := offline.ConvertOptions{Overwrite: fl.on("overwrite")}
 	kv := map[string]string{}
 	for _, k := range []string{"layout", "split", "sectorsize", "jobs"} {
 		if v := fl.str(k, ""); v != "" {
@@ -70,10 +71,10 @@ func convertAction(c *cli.Context) error {
 		return fmt.Errorf("convert takes a source and a destination path, got %q", pos)
 	}
 	src, dst := pos[0], pos[1]
-	o.Layout = blockif.Layout(kv["layout"])
+	o.Layout = format.Layout(kv["layout"])
 	for _, k := range []string{"split", "sectorsize"} {
 		if v, ok := kv[k]; ok {
-			n, err := blockif.ParseSize(v)
+			n, err := format.ParseSize(v)
 			if err != nil {
 				return fmt.Errorf("%s=%s: %w", k, v, err)
 			}
@@ -93,18 +94,18 @@ func convertAction(c *cli.Context) error {
 	progress, done := progressFor(c, !quiet && (fl.str("progress", "true") == "true"), "convert")
 	o.Progress = progress
 	start := time.Now()
-	rep, err := blockif.Convert(src, dst, &o)
+	rep, err := offline.Convert(src, dst, &o)
 	done()
 	if err != nil {
 		return fmt.Errorf("convert %s → %s: %w", src, dst, err)
 	}
 	if !quiet {
 		p := rep.Params
-		fmt.Fprintf(c.App.Writer, "converted %s → %s: layout %s, size %s", src, dst, p.Layout, blockif.HumanSize(p.Size))
-		if p.Layout != blockif.LayoutRaw {
-			fmt.Fprintf(c.App.Writer, ", split %s, sector size %d", blockif.HumanSize(p.Split), p.SectorSize)
+		fmt.Fprintf(c.App.Writer, "converted %s → %s: layout %s, size %s", src, dst, p.Layout, format.HumanSize(p.Size))
+		if p.Layout != format.LayoutRaw {
+			fmt.Fprintf(c.App.Writer, ", split %s, sector size %d", format.HumanSize(p.Split), p.SectorSize)
 		}
-		fmt.Fprintf(c.App.Writer, "; %s of data written in %.2fs\n", blockif.HumanSize(rep.DataBytes), time.Since(start).Seconds())
+		fmt.Fprintf(c.App.Writer, "; %s of data written in %.2fs\n", format.HumanSize(rep.DataBytes), time.Since(start).Seconds())
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -49,9 +50,9 @@ func createAction(c *cli.Context) error {
 	}
 	defer d.Close()
 	q := d.Params()
-	fmt.Fprintf(c.App.Writer, "created %s: layout %s, size %s", path, q.Layout, blockif.HumanSize(q.Size))
-	if q.Layout != blockif.LayoutRaw {
-		fmt.Fprintf(c.App.Writer, ", split %s, sector size %d, %d segment(s)", blockif.HumanSize(q.Split), q.SectorSize, q.Segments())
+	fmt.Fprintf(c.App.Writer, "created %s: layout %s, size %s", path, q.Layout, format.HumanSize(q.Size))
+	if q.Layout != format.LayoutRaw {
+		fmt.Fprintf(c.App.Writer, ", split %s, sector size %d, %d segment(s)", format.HumanSize(q.Split), q.SectorSize, q.Segments())
 	}
 	fmt.Fprintln(c.App.Writer)
 	return nil

@@ -6,6 +6,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -40,7 +41,7 @@ type infoJSON struct {
 // unfinishedOp returns the interrupted offline operation recorded in the
 // descriptor at path, or "" (also for raw images and unreadable ones).
 func unfinishedOp(path string) string {
-	desc, err := blockif.ReadDescriptor(nil, path)
+	desc, err := format.ReadDescriptor(nil, path)
 	if err != nil {
 		return ""
 	}
@@ -84,15 +85,15 @@ func infoAction(c *cli.Context) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "image:\t%s\n", path)
 	fmt.Fprintf(tw, "layout:\t%s\n", st.Layout)
-	fmt.Fprintf(tw, "virtual size:\t%s\n", blockif.HumanSize(st.Size))
+	fmt.Fprintf(tw, "virtual size:\t%s\n", format.HumanSize(st.Size))
 	fmt.Fprintf(tw, "sector size:\t%d\n", st.SectorSize)
-	if st.Layout != blockif.LayoutRaw {
-		fmt.Fprintf(tw, "split:\t%s\n", blockif.HumanSize(st.Split))
+	if st.Layout != format.LayoutRaw {
+		fmt.Fprintf(tw, "split:\t%s\n", format.HumanSize(st.Split))
 		fmt.Fprintf(tw, "segments:\t%d\n", st.Segments)
 	}
-	fmt.Fprintf(tw, "allocated:\t%s\n", blockif.HumanSize(st.AllocatedBytes))
-	fmt.Fprintf(tw, "on disk:\t%s\n", blockif.HumanSize(st.OnDiskBytes))
-	if st.Layout == blockif.LayoutSparse {
+	fmt.Fprintf(tw, "allocated:\t%s\n", format.HumanSize(st.AllocatedBytes))
+	fmt.Fprintf(tw, "on disk:\t%s\n", format.HumanSize(st.OnDiskBytes))
+	if st.Layout == format.LayoutSparse {
 		fmt.Fprintf(tw, "slots:\t%d\n", st.Slots)
 		fmt.Fprintf(tw, "leaked slots:\t%d\n", st.LeakedSlots)
 		frag := 0.0

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -83,7 +84,7 @@ func mapAction(c *cli.Context) error {
 		if e.Allocated {
 			kind = "data"
 		}
-		fmt.Fprintf(w, "0x%-18x 0x%-18x %-6s %s\n", e.Offset, e.Length, kind, blockif.HumanSize(e.Length))
+		fmt.Fprintf(w, "0x%-18x 0x%-18x %-6s %s\n", e.Offset, e.Length, kind, format.HumanSize(e.Length))
 	}
 	return nil
 }

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -22,7 +22,7 @@ func geometryFlags() []cli.Flag {
 // geometryArgs splits the arguments into positional ones and key=value
 // geometry settings, merged with the --flags (an argument wins over a flag
 // only if the flag was not given; giving both differently is an error).
-func geometryArgs(c *cli.Context) (pos []string, p blockif.Params, err error) {
+func geometryArgs(c *cli.Context) (pos []string, p format.Params, err error) {
 	kv := map[string]string{}
 	args := c.Args().Slice()
 	for i := 0; i < len(args); i++ {
@@ -68,7 +68,7 @@ func geometryArgs(c *cli.Context) (pos []string, p blockif.Params, err error) {
 		if !ok {
 			return 0, nil
 		}
-		n, err := blockif.ParseSize(v)
+		n, err := format.ParseSize(v)
 		if err != nil {
 			return 0, fmt.Errorf("%s=%s: %w", k, v, err)
 		}
@@ -83,6 +83,6 @@ func geometryArgs(c *cli.Context) (pos []string, p blockif.Params, err error) {
 	if p.SectorSize, err = num("sectorsize"); err != nil {
 		return nil, p, err
 	}
-	p.Layout = blockif.Layout(kv["layout"])
+	p.Layout = format.Layout(kv["layout"])
 	return pos, p, nil
 }

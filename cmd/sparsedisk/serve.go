@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/nbd"
 	"github.com/urfave/cli/v2"
 )
@@ -231,7 +232,7 @@ func serveAction(c *cli.Context) error {
 		disks = append(disks, d)
 		// The description names the image file, not its directory: any
 		// client may read it, and the server's layout is not its business.
-		desc := fmt.Sprintf("sparsedisk %s image %s, %s", d.Params().Layout, filepath.Base(path), blockif.HumanSize(d.Size()))
+		desc := fmt.Sprintf("sparsedisk %s image %s, %s", d.Params().Layout, filepath.Base(path), format.HumanSize(d.Size()))
 		exports = append(exports, nbd.Export{Name: name, Description: desc, Backend: d})
 	}
 	srv, err := nbd.NewServer(nbd.Config{

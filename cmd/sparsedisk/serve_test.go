@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // TestHelperProcess is not a test: other tests run the test binary again
@@ -108,7 +109,7 @@ func (s *syncBuffer) String() string {
 func newTestImage(t *testing.T, name string, size int64) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), name)
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: 4096}, nil); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { requireClean(t, path, false) })

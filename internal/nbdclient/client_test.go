@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/nbd"
 )
 
@@ -28,7 +29,7 @@ func serve(t *testing.T, cfg nbd.Config, size int64) string {
 	t.Helper()
 	open := func(name string, ro bool) *blockif.Disk {
 		path := filepath.Join(t.TempDir(), name)
-		p := blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: sector}
+		p := format.Params{Layout: format.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: sector}
 		if err := blockif.Create(path, p, nil); err != nil {
 			t.Fatal(err)
 		}

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"bytes"
@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -41,12 +43,12 @@ func TestConvertRoundTrip(t *testing.T) {
 		from, to string
 		o        ConvertOptions
 	}{
-		{"in.raw", "a.sparse", ConvertOptions{Layout: LayoutSparse, Split: 64 << 10, SectorSize: 4096}},
-		{"a.sparse", "b.split", ConvertOptions{Layout: LayoutSplit, Split: 48 << 10}},
-		{"b.split", "c.raw", ConvertOptions{Layout: LayoutRaw, Workers: 3}},
-		{"c.raw", "d.sparse512", ConvertOptions{Layout: LayoutSparse, Split: 40 << 10, SectorSize: 512}},
-		{"d.sparse512", "e.sparse4096", ConvertOptions{Layout: LayoutSparse, SectorSize: 4096, Split: 64 << 10}},
-		{"e.sparse4096", "f.raw", ConvertOptions{Layout: LayoutRaw}},
+		{"in.raw", "a.sparse", ConvertOptions{Layout: format.LayoutSparse, Split: 64 << 10, SectorSize: 4096}},
+		{"a.sparse", "b.split", ConvertOptions{Layout: format.LayoutSplit, Split: 48 << 10}},
+		{"b.split", "c.raw", ConvertOptions{Layout: format.LayoutRaw, Workers: 3}},
+		{"c.raw", "d.sparse512", ConvertOptions{Layout: format.LayoutSparse, Split: 40 << 10, SectorSize: 512}},
+		{"d.sparse512", "e.sparse4096", ConvertOptions{Layout: format.LayoutSparse, SectorSize: 4096, Split: 64 << 10}},
+		{"e.sparse4096", "f.raw", ConvertOptions{Layout: format.LayoutRaw}},
 	}
 	for _, s := range steps {
 		src, dst := filepath.Join(dir, s.from), filepath.Join(dir, s.to)
@@ -67,9 +69,9 @@ func TestConvertRoundTrip(t *testing.T) {
 		if got := content(t, dst, nil); !bytes.Equal(got, want) {
 			t.Fatalf("%s → %s: content differs at byte %d", s.from, s.to, firstDiff(got, want))
 		}
-		if s.o.Layout != LayoutRaw {
+		if s.o.Layout != format.LayoutRaw {
 			r := mustCheck(t, dst, nil, false)
-			if s.o.Layout == LayoutSparse {
+			if s.o.Layout == format.LayoutSparse {
 				var nz int64
 				for o := int64(0); o < size; o += rep.Params.SectorSize {
 					if !isZero(want[o : o+rep.Params.SectorSize]) {
@@ -106,15 +108,15 @@ func TestConvertRefusesAndOverwrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	before := fileDigest(t, dir)
-	if _, err := Convert(src, dst, nil); !errors.Is(err, ErrExist) {
-		t.Fatalf("convert onto existing image: %v, want ErrExist", err)
+	if _, err := Convert(src, dst, nil); !errors.Is(err, blockif.ErrExist) {
+		t.Fatalf("convert onto existing image: %v, want blockif.ErrExist", err)
 	}
 	if _, err := Convert(src, src, &ConvertOptions{Overwrite: true}); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("convert onto itself: %v", err)
 	}
 	sameDigest(t, "refused convert", before, fileDigest(t, dir))
 	// Overwrite a sparse image of 6 segments with a split one of 2.
-	if _, err := Convert(src, dst, &ConvertOptions{Overwrite: true, Layout: LayoutSplit, Split: 64 << 10}); err != nil {
+	if _, err := Convert(src, dst, &ConvertOptions{Overwrite: true, Layout: format.LayoutSplit, Split: 64 << 10}); err != nil {
 		t.Fatal(err)
 	}
 	if got := content(t, dst, nil); !bytes.Equal(got, want) {
@@ -136,8 +138,8 @@ func TestConvertRefusesAndOverwrites(t *testing.T) {
 	// its writer.
 	d := mustOpen(t, dst, nil)
 	before = fileDigest(t, dir)
-	if _, err := Convert(src, dst, &ConvertOptions{Overwrite: true, Split: 16 << 10}); !errors.Is(err, ErrInUse) {
-		t.Fatalf("overwrite of an image in use: %v, want ErrInUse", err)
+	if _, err := Convert(src, dst, &ConvertOptions{Overwrite: true, Split: 16 << 10}); !errors.Is(err, blockif.ErrInUse) {
+		t.Fatalf("overwrite of an image in use: %v, want blockif.ErrInUse", err)
 	}
 	sameDigest(t, "refused overwrite of an image in use", before, fileDigest(t, dir))
 	if err := d.Close(); err != nil {
@@ -152,7 +154,7 @@ func TestConvertRefusesAndOverwrites(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := Convert(dst, plain, &ConvertOptions{Overwrite: true, Layout: LayoutRaw}); err != nil {
+	if _, err := Convert(dst, plain, &ConvertOptions{Overwrite: true, Layout: format.LayoutRaw}); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := os.ReadFile(plain); !bytes.Equal(got, want) {
@@ -171,15 +173,15 @@ func TestConvertCrash(t *testing.T) {
 	rng := rand.New(rand.NewPCG(10, 10))
 	base := vfs.NewMemFS()
 	src := "/img/src.img"
-	p := Params{Layout: LayoutSparse, Size: 3*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
-	if err := Create(src, p, &Options{FS: base}); err != nil {
+	p := format.Params{Layout: format.LayoutSparse, Size: 3*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
+	if err := blockif.Create(src, p, &blockif.Options{FS: base}); err != nil {
 		t.Fatal(err)
 	}
-	d := mustOpen(t, src, &Options{FS: base})
+	d := mustOpen(t, src, &blockif.Options{FS: base})
 	want := fragment(t, d, rng, 30)
 	d.Close()
 	dst := "/img/dst.img"
-	for _, layout := range []Layout{LayoutSparse, LayoutSplit, LayoutRaw} {
+	for _, layout := range []format.Layout{format.LayoutSparse, format.LayoutSplit, format.LayoutRaw} {
 		probe := base.Crash(rng)
 		ops0 := probe.Ops()
 		if _, err := Convert(src, dst, &ConvertOptions{FS: probe, Layout: layout, Workers: 1}); err != nil {
@@ -209,7 +211,7 @@ func TestConvertCrash(t *testing.T) {
 			if !bytes.Equal(got, want) {
 				t.Fatalf("%s k=%d: an image exists at the destination but differs at byte %d", layout, k, firstDiff(got, want))
 			}
-			if layout != LayoutRaw {
+			if layout != format.LayoutRaw {
 				mustCheck(t, dst, after, false)
 			}
 		}
@@ -221,16 +223,16 @@ func TestConvertCrash(t *testing.T) {
 // image's own files (a segment, the LUT), or the reverse, is refused even
 // with Overwrite: the copy would destroy what it reads.
 func TestConvertIntoOwnFiles(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
 	src := testImage(t, p, nil, false)
 	before := fileDigest(t, filepath.Dir(src))
 	for _, dst := range []string{src + ".0001", src + ".lut", src + ".0000"} {
-		if _, err := Convert(src, dst, &ConvertOptions{Layout: LayoutRaw, Overwrite: true}); !errors.Is(err, ErrInvalid) {
+		if _, err := Convert(src, dst, &ConvertOptions{Layout: format.LayoutRaw, Overwrite: true}); !errors.Is(err, ErrInvalid) {
 			t.Errorf("convert %s into its own %s: %v, want ErrInvalid", src, dst, err)
 		}
 	}
 	sameDigest(t, "refused converts", before, fileDigest(t, filepath.Dir(src)))
-	if !partOf("/a/x.img.0012", "/a/x.img") || partOf("/a/x.img.raw", "/a/x.img") || partOf("/a/x.img.01", "/a/x.img") {
+	if !format.PartOf("/a/x.img.0012", "/a/x.img") || format.PartOf("/a/x.img.raw", "/a/x.img") || format.PartOf("/a/x.img.01", "/a/x.img") {
 		t.Error("partOf misclassifies")
 	}
 }

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"bytes"
@@ -13,8 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -42,10 +43,10 @@ func TestResolveSize(t *testing.T) {
 // TestResizeGrowShrink grows and shrinks sparse and split images with data
 // in the first and last sectors and right around the new ends.
 func TestResizeGrowShrink(t *testing.T) {
-	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
+	for _, layout := range []format.Layout{format.LayoutSparse, format.LayoutSplit} {
 		t.Run(string(layout), func(t *testing.T) {
 			ss := int64(4096)
-			p := Params{Layout: layout, Size: 2*(32<<10) + 3*ss, Split: 32 << 10, SectorSize: ss}
+			p := format.Params{Layout: layout, Size: 2*(32<<10) + 3*ss, Split: 32 << 10, SectorSize: ss}
 			path := testImage(t, p, nil, false)
 			rng := rand.New(rand.NewPCG(5, 5))
 			d := mustOpen(t, path, nil)
@@ -95,10 +96,10 @@ func TestResizeGrowShrink(t *testing.T) {
 			}
 			np := p
 			np.Size = small
-			if _, err := os.Stat(segment.Name(path, np.Segments())); err == nil {
+			if _, err := os.Stat(format.SegmentName(path, np.Segments())); err == nil {
 				t.Errorf("segment %d still exists after shrink", np.Segments())
 			}
-			if layout == LayoutSparse {
+			if layout == format.LayoutSparse {
 				if fi, _ := os.Stat(path + lut.Suffix); fi.Size() != np.Sectors()*lut.EntrySize {
 					t.Errorf("LUT is %d bytes after shrink, want %d", fi.Size(), np.Sectors()*lut.EntrySize)
 				}
@@ -145,15 +146,15 @@ func TestResizeGrowCrash(t *testing.T) {
 	}
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 6))
-	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
-		p := Params{Layout: layout, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
+	for _, layout := range []format.Layout{format.LayoutSparse, format.LayoutSplit} {
+		p := format.Params{Layout: layout, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
 		newSize := p.Size + 3*p.Split
 		base := vfs.NewMemFS()
 		path := "/img/disk.img"
-		if err := Create(path, p, &Options{FS: base}); err != nil {
+		if err := blockif.Create(path, p, &blockif.Options{FS: base}); err != nil {
 			t.Fatal(err)
 		}
-		d := mustOpen(t, path, &Options{FS: base})
+		d := mustOpen(t, path, &blockif.Options{FS: base})
 		want := make([]byte, newSize)
 		for _, off := range []int64{0, p.Size - 4096} {
 			b := randBytes(rng, 4096)
@@ -175,7 +176,7 @@ func TestResizeGrowCrash(t *testing.T) {
 				t.Fatalf("k=%d: %v", k, err)
 			}
 			after := m.Crash(rng)
-			d, err := Open(path, &Options{FS: after})
+			d, err := blockif.Open(path, &blockif.Options{FS: after})
 			if err != nil {
 				t.Fatalf("seed %d k=%d: open after crash: %v", seed, k, err)
 			}
@@ -221,16 +222,16 @@ func TestResizeProgress(t *testing.T) {
 	record := func(calls *[]call) *ResizeOptions {
 		return &ResizeOptions{AllowShrink: true, Progress: func(done, total int64) { *calls = append(*calls, call{done, total}) }}
 	}
-	for _, layout := range []Layout{LayoutSparse, LayoutSplit} {
+	for _, layout := range []format.Layout{format.LayoutSparse, format.LayoutSplit} {
 		t.Run(string(layout), func(t *testing.T) {
-			p := Params{Layout: layout, Size: 1 << 20, Split: 1 << 20, SectorSize: 512}
+			p := format.Params{Layout: layout, Size: 1 << 20, Split: 1 << 20, SectorSize: 512}
 			path := testImage(t, p, nil, false)
 			var calls []call
 			newSize := int64(1<<30) + 3<<20 // 2 Mi + 6 Ki LUT entries: 8 MiB+ of LUT
 			if _, err := Resize(path, newSize, record(&calls)); err != nil {
 				t.Fatal(err)
 			}
-			if layout == LayoutSparse {
+			if layout == format.LayoutSparse {
 				check(t, "grow", calls, (newSize-p.Size)/512*lut.EntrySize)
 				if len(calls) < 2 {
 					t.Fatalf("grow reported %d times for 8 MiB of LUT", len(calls))
@@ -241,7 +242,7 @@ func TestResizeProgress(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := newSize - 64<<20 // split: bytes scanned
-			if layout == LayoutSparse {
+			if layout == format.LayoutSparse {
 				want = (newSize - 64<<20) / 512 * lut.EntrySize // LUT bytes of the segments past the new end
 			}
 			check(t, "shrink", calls, want)
@@ -265,16 +266,16 @@ func TestResizeProgress(t *testing.T) {
 // message suggests moves that file aside (data kept) instead of finishing
 // a "resize" that would delete it.
 func TestResizeGrowRefusalKeepsStray(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
 	path := testImageNoCheck(t, p)
-	stray := segment.Name(path, 2)
+	stray := format.SegmentName(path, 2)
 	if err := os.WriteFile(stray, bytes.Repeat([]byte{3}, 8192), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Resize(path, 256<<10, nil); !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("grow over a stray segment: %v, want ErrCorrupt", err)
 	}
-	if desc, err := ReadDescriptor(nil, path); err != nil || desc.Intent != "" {
+	if desc, err := format.ReadDescriptor(nil, path); err != nil || desc.Intent != "" {
 		t.Fatalf("refused grow left intent %q (%v)", desc.Intent, err)
 	}
 	if _, err := Repair(path, RepairAll, nil); err != nil {
@@ -289,7 +290,7 @@ func TestResizeGrowRefusalKeepsStray(t *testing.T) {
 // count into something that passes validation, and a LUT larger than the
 // file system's free space is refused before anything is written.
 func TestHugeSizesRefused(t *testing.T) {
-	huge := Params{Layout: LayoutSparse, Size: 1<<63 - 4096, Split: 64 << 10, SectorSize: 4096}
+	huge := format.Params{Layout: format.LayoutSparse, Size: 1<<63 - 4096, Split: 64 << 10, SectorSize: 4096}
 	if n := huge.Segments(); n <= 0 {
 		t.Fatalf("Segments() = %d for size 2^63-4096", n)
 	}
@@ -298,18 +299,18 @@ func TestHugeSizesRefused(t *testing.T) {
 	}
 	dir := t.TempDir()
 	path := filepath.Join(dir, "big.img")
-	big := Params{Layout: LayoutSparse, Size: 8000 << 50, Split: 128 << 40, SectorSize: 65536} // 512 TiB of LUT
-	if err := Create(path, big, nil); !errors.Is(err, syscall.ENOSPC) {
+	big := format.Params{Layout: format.LayoutSparse, Size: 8000 << 50, Split: 128 << 40, SectorSize: 65536} // 512 TiB of LUT
+	if err := blockif.Create(path, big, nil); !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("Create with a 512 TiB LUT: %v, want ENOSPC", err)
 	}
 	if files, _ := filepath.Glob(filepath.Join(dir, "*")); len(files) != 0 {
 		t.Fatalf("refused create left files: %v", files)
 	}
-	small := testImageNoCheck(t, Params{Layout: LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096})
+	small := testImageNoCheck(t, format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096})
 	if _, err := Resize(small, 8000<<50, nil); !errors.Is(err, syscall.ENOSPC) && !errors.Is(err, ErrInvalid) {
 		t.Fatalf("grow to 8000 PiB: %v, want a refusal", err)
 	}
-	if desc, _ := ReadDescriptor(nil, small); desc.Size != 1<<20 || desc.Intent != "" {
+	if desc, _ := format.ReadDescriptor(nil, small); desc.Size != 1<<20 || desc.Intent != "" {
 		t.Fatalf("refused grow changed the descriptor: %+v", desc)
 	}
 }
@@ -325,12 +326,12 @@ func TestCreateCleansUpOnFailure(t *testing.T) {
 		return nil
 	})
 	path := "/img/disk.img"
-	p := Params{Layout: LayoutSparse, Size: 4 << 20, Split: 1 << 20, SectorSize: 4096}
-	if err := Create(path, p, &Options{FS: ffs}); !errors.Is(err, syscall.ENOSPC) {
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 << 20, Split: 1 << 20, SectorSize: 4096}
+	if err := blockif.Create(path, p, &blockif.Options{FS: ffs}); !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("create with a failing LUT write: %v, want ENOSPC", err)
 	}
 	ffs.SetFault(nil)
-	if err := Create(path, p, &Options{FS: ffs}); err != nil {
+	if err := blockif.Create(path, p, &blockif.Options{FS: ffs}); err != nil {
 		t.Fatalf("retry after the failed create: %v", err)
 	}
 }

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"errors"
@@ -6,8 +6,9 @@ import (
 	"io/fs"
 	"os"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -75,32 +76,6 @@ func (r *RepairReport) add(a RepairAction) {
 	r.Actions = append(r.Actions, a)
 }
 
-// CheckImage is Check plus the findings only an offline tool cares about:
-// an unfinished offline operation recorded in the descriptor, and a LUT
-// longer than the disk's sectors.
-func CheckImage(path string, o *Options) (*Report, error) {
-	r, err := Check(path, o)
-	if err != nil {
-		return nil, err
-	}
-	fsys := o.fs()
-	desc, err := ReadDescriptor(fsys, path)
-	if err != nil {
-		return r, nil // raw image: nothing more to check
-	}
-	if desc.Intent != "" {
-		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
-	}
-	if desc.Layout == LayoutSparse {
-		if fi, err := fsys.Stat(path + lut.Suffix); err == nil && fi.Size() > desc.Sectors()*lut.EntrySize {
-			r.add(Finding{Kind: Corruption, File: path + lut.Suffix, Segment: -1, Sector: desc.Sectors(), Slot: -1, Count: 1,
-				Message: fmt.Sprintf("LUT is %d bytes, longer than the %d entries the size needs", fi.Size(), desc.Sectors())})
-		}
-	}
-	return r, nil
-}
-
 // Repair fixes the image at path under an exclusive lock. Both modes first
 // finish an interrupted offline operation (shrink, resize), as opening for
 // writing would. RepairLeaks then punches slots no LUT entry references.
@@ -114,29 +89,29 @@ func CheckImage(path string, o *Options) (*Report, error) {
 //
 // Order keeps the image consistent at every instant: copied data is made
 // durable before the LUT entries pointing at it.
-func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
+func Repair(path string, mode RepairMode, o *blockif.Options) (*RepairReport, error) {
 	if mode != RepairLeaks && mode != RepairAll {
 		return nil, fmt.Errorf("%w: repair mode %q (want leaks or all)", ErrInvalid, mode)
 	}
-	fsys := o.fs()
+	fsys := fsOf(o)
 	fi, err := fsys.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("repair: %w", err)
 	}
 	rep := &RepairReport{Image: path, Mode: mode}
-	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	isDesc, err := format.IsDescriptor(fsys, path, fi.Size())
 	if err != nil {
 		return nil, err
 	}
 	if !isDesc {
 		return rep, nil // a raw image has nothing to repair
 	}
-	lock, err := lockOffline(fsys, path, true)
+	lock, err := format.LockImage(fsys, path, true)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Close()
-	desc, err := ReadDescriptor(fsys, path)
+	desc, err := format.ReadDescriptor(fsys, path)
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +121,7 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 	// stopped after moving slots has its live data in slots the old LUT
 	// does not reference), so what looks like a leak may be live data.
 	if desc.Intent != "" {
-		if err := finishIntent(fsys, path, desc, lock.write); err != nil {
+		if err := format.FinishIntent(fsys, path, desc, lock.Write); err != nil {
 			return nil, err
 		}
 		rep.add(RepairAction{File: path, Segment: -1, Sector: -1, Slot: -1, Message: fmt.Sprintf("finished interrupted %q (no sector changed)", desc.Intent)})
@@ -158,14 +133,14 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 			return nil, err
 		}
 	}
-	if desc.Layout == LayoutSparse {
+	if desc.Layout == format.LayoutSparse {
 		if err := rp.sparse(); err != nil {
 			return nil, err
 		}
 	}
-	if all && desc.State == StateDirty {
-		desc.State = StateClean
-		if err := lock.write(desc); err != nil {
+	if all && desc.State == format.StateDirty {
+		desc.State = format.StateClean
+		if err := lock.Write(desc); err != nil {
 			return nil, err
 		}
 	}
@@ -175,7 +150,7 @@ func Repair(path string, mode RepairMode, o *Options) (*RepairReport, error) {
 type repairer struct {
 	fsys       vfs.FS
 	path       string
-	p          Params
+	p          format.Params
 	all        bool
 	rep        *RepairReport
 	lutCreated bool
@@ -189,7 +164,7 @@ func (rp *repairer) files() error {
 	perSeg := p.Split / ss
 	changedDir := false
 	for i := 0; i < p.Segments(); i++ {
-		name := segment.Name(rp.path, i)
+		name := format.SegmentName(rp.path, i)
 		want := min(p.Split, p.Size-int64(i)*p.Split)
 		fi, err := fsys.Stat(name)
 		if errors.Is(err, fs.ErrNotExist) {
@@ -197,7 +172,7 @@ func (rp *repairer) files() error {
 			if err != nil {
 				return fmt.Errorf("recreate segment %d: %w", i, err)
 			}
-			if p.Layout == LayoutSplit {
+			if p.Layout == format.LayoutSplit {
 				err = f.Truncate(want)
 			}
 			if err == nil {
@@ -212,7 +187,7 @@ func (rp *repairer) files() error {
 			changedDir = true
 			msg := "segment file was missing: recreated empty; its allocated sectors are unmapped below"
 			lost := false
-			if p.Layout == LayoutSplit {
+			if p.Layout == format.LayoutSplit {
 				msg, lost = "segment file was missing: recreated; its sectors read as zeros", true
 			}
 			a := RepairAction{File: name, Segment: i, Sector: -1, Slot: -1, Message: msg, Lost: lost}
@@ -224,23 +199,23 @@ func (rp *repairer) files() error {
 		} else if err != nil {
 			return err
 		}
-		if p.Layout == LayoutSplit && fi.Size() > want {
-			if err := truncateFile(fsys, name, want, false); err != nil {
+		if p.Layout == format.LayoutSplit && fi.Size() > want {
+			if err := format.TruncateFile(fsys, name, want, false); err != nil {
 				return err
 			}
 			rp.rep.add(RepairAction{File: name, Segment: i, Sector: -1, Slot: -1,
 				Message: fmt.Sprintf("segment file was %d bytes, longer than its %d: cut to length (the bytes past it were not part of the disk)", fi.Size(), want)})
 		}
 	}
-	for _, x := range extraSegments(fsys, rp.path, p.Segments()) {
-		if err := fsys.Rename(x.name, x.name+".orphaned"); err != nil {
-			return fmt.Errorf("move %s aside: %w", x.name, err)
+	for _, x := range format.ExtraSegments(fsys, rp.path, p.Segments()) {
+		if err := fsys.Rename(x.Name, format.OrphanedName(x.Name)); err != nil {
+			return fmt.Errorf("move %s aside: %w", x.Name, err)
 		}
 		changedDir = true
-		rp.rep.add(RepairAction{File: x.name, Segment: x.index, Sector: -1, Slot: -1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes) moved aside to %s.orphaned", p.Segments(), x.size, x.name)})
+		rp.rep.add(RepairAction{File: x.Name, Segment: x.Index, Sector: -1, Slot: -1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes) moved aside to %s", p.Segments(), x.Size, format.OrphanedName(x.Name))})
 	}
-	if p.Layout == LayoutSparse {
+	if p.Layout == format.LayoutSparse {
 		name := rp.path + lut.Suffix
 		want := p.Sectors() * lut.EntrySize
 		fi, err := fsys.Stat(name)
@@ -271,7 +246,7 @@ func (rp *repairer) files() error {
 			rp.rep.add(RepairAction{File: name, Segment: -1, Sector: from / lut.EntrySize, Slot: -1, Count: p.Sectors() - from/lut.EntrySize, Lost: true,
 				Message: fmt.Sprintf("LUT was %d bytes, short of %d: these sectors had no entry (unreadable) and now read as zeros", fi.Size(), want)})
 		case fi.Size() > want:
-			if err := trimToGeometry(fsys, rp.path, p); err != nil {
+			if err := format.TrimToGeometry(fsys, rp.path, p); err != nil {
 				return err
 			}
 			rp.rep.add(RepairAction{File: name, Segment: -1, Sector: -1, Slot: -1,
@@ -279,7 +254,7 @@ func (rp *repairer) files() error {
 		}
 	}
 	if changedDir {
-		return syncDirOf(fsys, rp.path)
+		return format.SyncDirOf(fsys, rp.path)
 	}
 	return nil
 }
@@ -304,11 +279,11 @@ func (rp *repairer) segment(lutFile vfs.File, i int) error {
 	ss := rp.p.SectorSize
 	perSeg := rp.p.Split / ss
 	first := int64(i) * perSeg
-	name := segment.Name(rp.path, i)
+	name := format.SegmentName(rp.path, i)
 	if _, err := rp.fsys.Stat(name); err != nil {
 		return nil // missing segment in leaks mode: nothing to do here
 	}
-	e, err := readEntries(lutFile, rp.p, i)
+	e, err := format.ReadEntries(lutFile, rp.p, i)
 	if err != nil {
 		return err
 	}
@@ -410,7 +385,7 @@ func (rp *repairer) segment(lutFile vfs.File, i int) error {
 		}
 	}
 	if dirtyLUT {
-		raw := encodeEntries(e)
+		raw := format.EncodeEntries(e)
 		for j := 0; j < len(e); j++ {
 			if !changed[j] {
 				continue

@@ -1,4 +1,4 @@
-package blockif
+package format
 
 import (
 	"bufio"
@@ -35,13 +35,13 @@ const (
 	StateDirty = "dirty"
 )
 
-// Limits of the format (DESIGN.md §2).
+// Limits of the format (FORMAT.md).
 const (
 	MinSectorSize     = 512
 	MaxSectorSize     = 65536
 	DefaultSectorSize = 4096
 	DefaultSplit      = 1 << 30
-	maxDescriptor     = 64 << 10 // a descriptor file is never larger
+	MaxDescriptorSize = 64 << 10 // a descriptor file is never larger
 )
 
 // Params are an image's geometry.
@@ -166,7 +166,7 @@ func ParseDescriptor(data []byte, name string) (Descriptor, error) {
 	var d Descriptor
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 4096), maxDescriptor)
+	sc.Buffer(make([]byte, 4096), MaxDescriptorSize)
 	line := 0
 	for sc.Scan() {
 		line++
@@ -263,19 +263,19 @@ func (d Descriptor) Marshal() []byte {
 // are not open; an open Disk rewrites its own descriptor so that its lock
 // moves to the new file.
 func WriteDescriptor(fsys vfs.FS, path string, d Descriptor) error {
-	_, err := replaceDescriptor(fsys, path, d, false, false)
+	_, err := ReplaceDescriptor(fsys, path, d, false, false)
 	return err
 }
 
-// replaceDescriptor writes d to a temp file, fsyncs it, and renames it over
+// ReplaceDescriptor writes d to a temp file, fsyncs it, and renames it over
 // path, fsyncing the directory. With lock, the temp file is locked (in the
 // given mode) before it becomes visible at path, and that lock is returned:
 // no other process can take it in between.
-func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
+func ReplaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}
-	tmp := path + ".tmp"
+	tmp := TempName(path)
 	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("write descriptor: %w", err)
@@ -325,7 +325,7 @@ func ReadDescriptor(fsys vfs.FS, path string) (Descriptor, error) {
 	return ParseDescriptor(data, path)
 }
 
-// readSmall reads a whole file of at most maxDescriptor bytes.
+// readSmall reads a whole file of at most MaxDescriptorSize bytes.
 func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 	f, err := fsys.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
@@ -336,7 +336,7 @@ func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if size > maxDescriptor {
+	if size > MaxDescriptorSize {
 		return nil, fmt.Errorf("%w: descriptor %s is %d bytes, larger than any descriptor", ErrInvalid, path, size)
 	}
 	buf := make([]byte, size)
@@ -345,4 +345,24 @@ func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 		err = nil
 	}
 	return buf[:n], err
+}
+
+// IsDescriptor tells whether path, a file of size bytes, holds a sparsedisk
+// descriptor (as opposed to a raw image). A file with segments or a LUT
+// beside it must be one.
+func IsDescriptor(fsys vfs.FS, path string, size int64) (bool, error) {
+	if _, err := fsys.Stat(SegmentName(path, 0)); err == nil {
+		return true, nil
+	}
+	if _, err := fsys.Stat(LUTName(path)); err == nil {
+		return true, nil
+	}
+	if size > MaxDescriptorSize || size == 0 {
+		return false, nil
+	}
+	data, err := readSmall(fsys, path)
+	if err != nil {
+		return false, err
+	}
+	return bytes.HasPrefix(data, []byte("# sparsedisk")) || bytes.HasPrefix(data, []byte("format")), nil
 }

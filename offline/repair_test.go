@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"bytes"
@@ -10,15 +10,16 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 )
 
 // sectorsOf reads every sector of an image one by one; a sector that
 // cannot be read is nil. It returns nil if the image does not open.
 func sectorsOf(t testing.TB, path string) [][]byte {
 	t.Helper()
-	d, err := Open(path, &Options{ReadOnly: true, NoDirtyCheck: true})
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true})
 	if err != nil {
 		return nil
 	}
@@ -46,45 +47,45 @@ func splitSectors(b []byte, ss int64) [][]byte {
 // classifies it (leak or corruption), repairs, and checks that the image
 // is clean afterwards and every sector not named as lost reads as before.
 func TestCheckRepairFaults(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 3*(16<<10) + 2*4096, Split: 16 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 3*(16<<10) + 2*4096, Split: 16 << 10, SectorSize: 4096}
 	perSeg := p.Split / p.SectorSize
 	type fault struct {
 		name    string
-		kind    FindingKind // worst finding expected
+		kind    blockif.FindingKind // worst finding expected
 		mode    RepairMode
 		inject  func(t *testing.T, path string)
 		wantMsg string // in some action
 	}
 	faults := []fault{
-		{"leak", Leak, RepairLeaks, func(t *testing.T, path string) { addLeak(t, nil, path, 1, p.SectorSize) }, "leaked"},
-		{"partial-slot", Leak, RepairLeaks, func(t *testing.T, path string) {
-			f, _ := os.OpenFile(segment.Name(path, 0), os.O_RDWR, 0)
+		{"leak", blockif.Leak, RepairLeaks, func(t *testing.T, path string) { addLeak(t, nil, path, 1, p.SectorSize) }, "leaked"},
+		{"partial-slot", blockif.Leak, RepairLeaks, func(t *testing.T, path string) {
+			f, _ := os.OpenFile(format.SegmentName(path, 0), os.O_RDWR, 0)
 			fi, _ := f.Stat()
 			f.WriteAt([]byte("torn"), fi.Size())
 			f.Close()
 		}, "partial slot"},
-		{"entry-past-end", Corruption, RepairAll, func(t *testing.T, path string) { setEntry(t, nil, path, 2, 1000) }, "past the end"},
-		{"shared-slot", Corruption, RepairAll, func(t *testing.T, path string) {
+		{"entry-past-end", blockif.Corruption, RepairAll, func(t *testing.T, path string) { setEntry(t, nil, path, 2, 1000) }, "past the end"},
+		{"shared-slot", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			e := lutEntries(t, path)
 			setEntry(t, nil, path, 3, e[1]) // sector 3 now shares sector 1's slot
 		}, "own copy"},
-		{"lut-truncated", Corruption, RepairAll, func(t *testing.T, path string) {
+		{"lut-truncated", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			os.Truncate(path+lut.Suffix, (p.Sectors()-3)*lut.EntrySize)
 		}, "short of"},
-		{"lut-too-long", Corruption, RepairAll, func(t *testing.T, path string) {
+		{"lut-too-long", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			f, _ := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
 			f.WriteAt(bytes.Repeat([]byte{0xFF}, 64), p.Sectors()*lut.EntrySize)
 			f.Close()
 		}, "longer than"},
-		{"segment-missing", Corruption, RepairAll, func(t *testing.T, path string) { os.Remove(segment.Name(path, 1)) }, "missing"},
-		{"segment-extra", Corruption, RepairAll, func(t *testing.T, path string) {
-			os.WriteFile(segment.Name(path, p.Segments()), []byte("stray data"), 0o644)
+		{"segment-missing", blockif.Corruption, RepairAll, func(t *testing.T, path string) { os.Remove(format.SegmentName(path, 1)) }, "missing"},
+		{"segment-extra", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
+			os.WriteFile(format.SegmentName(path, p.Segments()), []byte("stray data"), 0o644)
 		}, "moved aside"},
-		{"intent-pending", Corruption, RepairAll, func(t *testing.T, path string) {
-			desc, _ := ReadDescriptor(nil, path)
-			desc.Intent = IntentShrink
-			WriteDescriptor(nil, path, desc)
-			os.WriteFile(segment.Name(path, 0)+shrinkTmpSuffix, []byte("half a copy"), 0o644)
+		{"intent-pending", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
+			desc, _ := format.ReadDescriptor(nil, path)
+			desc.Intent = format.IntentShrink
+			format.WriteDescriptor(nil, path, desc)
+			os.WriteFile(format.ShrinkCopyName(path, 0), []byte("half a copy"), 0o644)
 		}, "finished"},
 	}
 	for _, f := range faults {
@@ -106,17 +107,17 @@ func TestCheckRepairFaults(t *testing.T) {
 				baseline = splitSectors(pristine, p.SectorSize)
 			}
 			before := fileDigest(t, filepath.Dir(path))
-			r, err := CheckImage(path, nil)
+			r, err := blockif.Check(path, nil)
 			if err != nil {
 				t.Fatalf("check: %v", err)
 			}
 			sameDigest(t, "check", before, fileDigest(t, filepath.Dir(path)))
 			switch f.kind {
-			case Leak:
+			case blockif.Leak:
 				if r.Leaks == 0 || r.Corruptions != 0 {
 					t.Fatalf("want leaks only, got %d leaks %d corruptions: %v", r.Leaks, r.Corruptions, r.Findings)
 				}
-			case Corruption:
+			case blockif.Corruption:
 				if r.Corruptions == 0 {
 					t.Fatalf("want corruption, got %v", r.Findings)
 				}
@@ -139,7 +140,7 @@ func TestCheckRepairFaults(t *testing.T) {
 			if !strings.Contains(strings.Join(msgs, "\n"), f.wantMsg) {
 				t.Errorf("no action mentions %q", f.wantMsg)
 			}
-			r2, err := CheckImage(path, nil)
+			r2, err := blockif.Check(path, nil)
 			if err != nil || !r2.Clean() {
 				t.Fatalf("after repair: %v %v", err, r2.Findings)
 			}
@@ -171,19 +172,19 @@ func lutEntries(t testing.TB, path string) []uint32 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return decodeEntries(b)
+	return format.DecodeEntries(b)
 }
 
 func TestRepairSplitAndRaw(t *testing.T) {
-	p := Params{Layout: LayoutSplit, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSplit, Size: 2*(16<<10) + 4096, Split: 16 << 10, SectorSize: 4096}
 	path := testImage(t, p, nil, false)
 	d := mustOpen(t, path, nil)
 	d.WriteAt(bytes.Repeat([]byte{9}, int(p.Size)), 0)
 	d.Close()
-	f, _ := os.OpenFile(segment.Name(path, 2), os.O_RDWR, 0)
+	f, _ := os.OpenFile(format.SegmentName(path, 2), os.O_RDWR, 0)
 	f.WriteAt([]byte("past the end"), 4096) // segment longer than its share
 	f.Close()
-	r, err := CheckImage(path, nil)
+	r, err := blockif.Check(path, nil)
 	if err != nil || r.Corruptions == 0 {
 		t.Fatalf("check of over-long split segment: %v %+v", err, r)
 	}
@@ -195,7 +196,7 @@ func TestRepairSplitAndRaw(t *testing.T) {
 	}
 	raw := filepath.Join(t.TempDir(), "raw.img")
 	os.WriteFile(raw, make([]byte, 8192), 0o644)
-	if r, err := CheckImage(raw, nil); err != nil || !r.Clean() {
+	if r, err := blockif.Check(raw, nil); err != nil || !r.Clean() {
 		t.Fatalf("check raw: %v %v", err, r)
 	}
 	if _, err := Repair(raw, RepairAll, nil); err != nil {
@@ -204,7 +205,7 @@ func TestRepairSplitAndRaw(t *testing.T) {
 	bad := filepath.Join(t.TempDir(), "bad.img")
 	os.WriteFile(bad, []byte("# sparsedisk image\nformat = sparsedisk/1\nlayout = sparse\nsize = 12\n"), 0o644)
 	// Issue 5 counts an inconsistent descriptor as corruption.
-	if r, err := CheckImage(bad, nil); err != nil || r.Corruptions != 1 {
+	if r, err := blockif.Check(bad, nil); err != nil || r.Corruptions != 1 {
 		t.Fatalf("check of malformed descriptor: %v %+v, want one corruption", err, r)
 	}
 }
@@ -213,22 +214,22 @@ func TestRepairSplitAndRaw(t *testing.T) {
 // opening is reported one finding per problem, each naming its file, and
 // a descriptor that cannot be parsed is corruption (not "could not check").
 func TestCheckListsEveryStructuralProblem(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 4 * (16 << 10), Split: 16 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 * (16 << 10), Split: 16 << 10, SectorSize: 4096}
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := Create(path, p, nil); err != nil {
+	if err := blockif.Create(path, p, nil); err != nil {
 		t.Fatal(err)
 	}
-	os.Remove(segment.Name(path, 1))
-	os.Remove(segment.Name(path, 3))
+	os.Remove(format.SegmentName(path, 1))
+	os.Remove(format.SegmentName(path, 3))
 	os.Truncate(path+lut.Suffix, 8)
-	os.WriteFile(segment.Name(path, 4), []byte("stray"), 0o644)
-	r, err := Check(path, nil)
+	os.WriteFile(format.SegmentName(path, 4), []byte("stray"), 0o644)
+	r, err := blockif.Check(path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]bool{segment.Name(path, 1): false, segment.Name(path, 3): false, path + lut.Suffix: false, segment.Name(path, 4): false}
+	want := map[string]bool{format.SegmentName(path, 1): false, format.SegmentName(path, 3): false, path + lut.Suffix: false, format.SegmentName(path, 4): false}
 	for _, f := range r.Findings {
-		if f.Kind != Corruption {
+		if f.Kind != blockif.Corruption {
 			t.Errorf("finding %s is not corruption", f)
 		}
 		if _, ok := want[f.File]; ok {
@@ -245,11 +246,11 @@ func TestCheckListsEveryStructuralProblem(t *testing.T) {
 	}
 
 	os.WriteFile(path, []byte("this is not a descriptor\n"), 0o644)
-	r, err = Check(path, nil)
+	r, err = blockif.Check(path, nil)
 	if err != nil || r.Corruptions != 1 || r.Findings[0].File != path {
 		t.Errorf("garbage descriptor: %v %+v, want one corruption naming %s", err, r, path)
 	}
-	if _, err := Check(filepath.Join(t.TempDir(), "absent.img"), nil); err == nil {
+	if _, err := blockif.Check(filepath.Join(t.TempDir(), "absent.img"), nil); err == nil {
 		t.Error("a missing image must fail the check itself")
 	}
 }
@@ -258,10 +259,10 @@ func TestCheckListsEveryStructuralProblem(t *testing.T) {
 // in bytes of the virtual disk, ending at its size (the last segment is
 // shorter than the others here).
 func TestCheckProgress(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 3*(64<<10) + 8192, Split: 64 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 3*(64<<10) + 8192, Split: 64 << 10, SectorSize: 4096}
 	path := testImage(t, p, nil, false)
 	var got []int64
-	r, err := Check(path, &Options{Progress: func(done, total int64) {
+	r, err := blockif.Check(path, &blockif.Options{Progress: func(done, total int64) {
 		if total != p.Size {
 			t.Errorf("progress total %d, want the disk size %d", total, p.Size)
 		}
@@ -280,7 +281,7 @@ func TestCheckProgress(t *testing.T) {
 // them again when needed (same answers); a writable Disk refuses, since
 // its tables may hold entries not yet in P.lut.
 func TestReleaseTables(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
 	path := testImage(t, p, nil, false)
 	w := mustOpen(t, path, nil)
 	if _, err := w.WriteAt(bytes.Repeat([]byte{4}, 4096), 2*4096); err != nil {
@@ -292,7 +293,7 @@ func TestReleaseTables(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatal(err)
 	}
-	r := mustOpen(t, path, &Options{ReadOnly: true})
+	r := mustOpen(t, path, &blockif.Options{ReadOnly: true})
 	defer r.Close()
 	before, err := r.Extents(0, p.Size)
 	if err != nil {
@@ -315,9 +316,9 @@ func TestReleaseTables(t *testing.T) {
 // when the numbering has a gap before it (the directory is listed), and
 // repair moves it aside with its data.
 func TestStraySegmentAfterGap(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 128 << 10, Split: 64 << 10, SectorSize: 4096}
 	path := testImageNoCheck(t, p)
-	stray := segment.Name(path, 5) // .0002 to .0004 do not exist
+	stray := format.SegmentName(path, 5) // .0002 to .0004 do not exist
 	if err := os.WriteFile(stray, []byte("data"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +328,7 @@ func TestStraySegmentAfterGap(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	r, err := Check(path, nil)
+	r, err := blockif.Check(path, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -340,7 +341,7 @@ func TestStraySegmentAfterGap(t *testing.T) {
 	if got, err := os.ReadFile(stray + ".orphaned"); err != nil || string(got) != "data" {
 		t.Fatalf("stray after repair: %q, %v", got, err)
 	}
-	if r, err := Check(path, nil); err != nil || !r.Clean() {
+	if r, err := blockif.Check(path, nil); err != nil || !r.Clean() {
 		t.Fatalf("after repair: %+v, %v", r, err)
 	}
 }

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"bytes"
@@ -12,8 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -21,7 +22,7 @@ import (
 // random data at random places (so slots come out of logical order),
 // trims, and zero overwrites of allocated sectors (which stay allocated).
 // It returns the disk's expected content.
-func fragment(t testing.TB, d *Disk, rng *rand.Rand, ops int) []byte {
+func fragment(t testing.TB, d *blockif.Disk, rng *rand.Rand, ops int) []byte {
 	t.Helper()
 	size, ss := d.Size(), d.SectorSize()
 	model := make([]byte, size)
@@ -61,7 +62,7 @@ func fragment(t testing.TB, d *Disk, rng *rand.Rand, ops int) []byte {
 // content reads a whole image through a read-only Disk.
 func content(t testing.TB, path string, fsys vfs.FS) []byte {
 	t.Helper()
-	d := mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+	d := mustOpen(t, path, &blockif.Options{FS: fsys, ReadOnly: true})
 	defer d.Close()
 	all := make([]byte, d.Size())
 	if _, err := d.ReadAt(all, 0); err != nil {
@@ -76,7 +77,7 @@ func addLeak(t testing.TB, fsys vfs.FS, path string, i int, ss int64) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}
-	f, err := fsys.OpenFile(segment.Name(path, i), os.O_RDWR, 0)
+	f, err := fsys.OpenFile(format.SegmentName(path, i), os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,9 +127,9 @@ func sameDigest(t testing.TB, what string, a, b map[string]string) {
 }
 
 func TestShrinkFragmented(t *testing.T) {
-	geoms := []Params{
-		{Layout: LayoutSparse, Size: 5*(256<<10) + 3*4096, Split: 256 << 10, SectorSize: 4096},
-		{Layout: LayoutSparse, Size: 3*(64<<10) + 7*512, Split: 64 << 10, SectorSize: 512},
+	geoms := []format.Params{
+		{Layout: format.LayoutSparse, Size: 5*(256<<10) + 3*4096, Split: 256 << 10, SectorSize: 4096},
+		{Layout: format.LayoutSparse, Size: 3*(64<<10) + 7*512, Split: 64 << 10, SectorSize: 512},
 	}
 	for _, p := range geoms {
 		for _, fsName := range []string{"os", "mem"} {
@@ -141,7 +142,7 @@ func TestShrinkFragmented(t *testing.T) {
 					fsys = vfs.NewMemFS()
 				}
 				path := testImage(t, p, fsys, false)
-				d := mustOpen(t, path, &Options{FS: fsys})
+				d := mustOpen(t, path, &blockif.Options{FS: fsys})
 				model := fragment(t, d, rng, 400)
 				if err := d.Close(); err != nil {
 					t.Fatal(err)
@@ -151,7 +152,7 @@ func TestShrinkFragmented(t *testing.T) {
 				if before.Fragments == 0 || before.LeakedSlots == 0 {
 					t.Fatalf("workload made no fragments (%d) or leaks (%d)", before.Fragments, before.LeakedSlots)
 				}
-				d = mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+				d = mustOpen(t, path, &blockif.Options{FS: fsys, ReadOnly: true})
 				st0, err := d.Stats()
 				d.Close()
 				if err != nil {
@@ -172,7 +173,7 @@ func TestShrinkFragmented(t *testing.T) {
 				if got := content(t, path, fsys); !bytes.Equal(got, model) {
 					t.Fatalf("content differs after shrink at byte %d", firstDiff(got, model))
 				}
-				d = mustOpen(t, path, &Options{FS: fsys, ReadOnly: true})
+				d = mustOpen(t, path, &blockif.Options{FS: fsys, ReadOnly: true})
 				st, err := d.Stats()
 				d.Close()
 				if err != nil {
@@ -217,7 +218,7 @@ func TestShrinkFragmented(t *testing.T) {
 
 // TestShrinkDryRunReadOnly: a dry run and a check change no byte.
 func TestShrinkDryRunReadOnly(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 4 * (64 << 10), Split: 64 << 10, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 * (64 << 10), Split: 64 << 10, SectorSize: 4096}
 	path := testImage(t, p, nil, true)
 	d := mustOpen(t, path, nil)
 	fragment(t, d, rand.New(rand.NewPCG(1, 2)), 100)
@@ -227,14 +228,14 @@ func TestShrinkDryRunReadOnly(t *testing.T) {
 	if _, err := Shrink(path, &ShrinkOptions{DryRun: true}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := CheckImage(path, nil); err != nil {
+	if _, err := blockif.Check(path, nil); err != nil {
 		t.Fatal(err)
 	}
 	sameDigest(t, "dry run + check", before, fileDigest(t, filepath.Dir(path)))
 }
 
 func TestShrinkRefusesCorruptAndOtherLayouts(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
 	path := testImage(t, p, nil, true)
 	t.Cleanup(func() { Repair(path, RepairAll, nil) })
 	d := mustOpen(t, path, nil)
@@ -244,7 +245,7 @@ func TestShrinkRefusesCorruptAndOtherLayouts(t *testing.T) {
 	if _, err := Shrink(path, nil); !errors.Is(err, ErrCorrupt) {
 		t.Errorf("shrink of corrupt image: %v, want ErrCorrupt", err)
 	}
-	sp := testImage(t, Params{Layout: LayoutSplit, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}, nil, false)
+	sp := testImage(t, format.Params{Layout: format.LayoutSplit, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}, nil, false)
 	if _, err := Shrink(sp, nil); !errors.Is(err, ErrInvalid) {
 		t.Errorf("shrink of split image: %v, want ErrInvalid", err)
 	}
@@ -261,7 +262,7 @@ func setEntry(t testing.TB, fsys vfs.FS, path string, sec int64, v uint32) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if _, err := f.WriteAt(encodeEntries([]uint32{v}), sec*lut.EntrySize); err != nil {
+	if _, err := f.WriteAt(format.EncodeEntries([]uint32{v}), sec*lut.EntrySize); err != nil {
 		t.Fatal(err)
 	}
 	f.Sync()
@@ -276,16 +277,16 @@ func TestShrinkCrash(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rng := rand.New(rand.NewPCG(seed, 4))
-	for _, p := range []Params{
-		{Layout: LayoutSparse, Size: 4*(32<<10) + 2*4096, Split: 32 << 10, SectorSize: 4096},
-		{Layout: LayoutSparse, Size: 3*(8<<10) + 512, Split: 8 << 10, SectorSize: 512},
+	for _, p := range []format.Params{
+		{Layout: format.LayoutSparse, Size: 4*(32<<10) + 2*4096, Split: 32 << 10, SectorSize: 4096},
+		{Layout: format.LayoutSparse, Size: 3*(8<<10) + 512, Split: 8 << 10, SectorSize: 512},
 	} {
 		base := vfs.NewMemFS()
 		path := "/img/disk.img"
-		if err := Create(path, p, &Options{FS: base}); err != nil {
+		if err := blockif.Create(path, p, &blockif.Options{FS: base}); err != nil {
 			t.Fatal(err)
 		}
-		d := mustOpen(t, path, &Options{FS: base})
+		d := mustOpen(t, path, &blockif.Options{FS: base})
 		want := fragment(t, d, rng, 150)
 		if err := d.Close(); err != nil {
 			t.Fatal(err)
@@ -311,11 +312,11 @@ func TestShrinkCrash(t *testing.T) {
 					t.Fatalf("seed %d k=%d: shrink after crash: %v", seed, k, err)
 				}
 			case 2: // by `check -r leaks`, which must not take moved live slots for leaks
-				if _, err := Repair(path, RepairLeaks, &Options{FS: after}); err != nil {
+				if _, err := Repair(path, RepairLeaks, &blockif.Options{FS: after}); err != nil {
 					t.Fatalf("seed %d k=%d: repair leaks after crash: %v", seed, k, err)
 				}
 			}
-			d, err := Open(path, &Options{FS: after})
+			d, err := blockif.Open(path, &blockif.Options{FS: after})
 			if err != nil {
 				t.Fatalf("seed %d k=%d: open after crash: %v", seed, k, err)
 			}
@@ -352,13 +353,13 @@ func TestShrinkCrash(t *testing.T) {
 // fragmented), plus 10% of it trimmed again, and reports the throughput
 // in GiB/s of live data. Run by bench/convert.sh.
 func BenchmarkShrink(b *testing.B) {
-	p := Params{Layout: LayoutSparse, Size: 4 << 30, Split: 1 << 30, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 << 30, Split: 1 << 30, SectorSize: 4096}
 	rng := rand.New(rand.NewPCG(11, 11))
 	pool := randBytes(rng, 4<<20)
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		path := filepath.Join(b.TempDir(), "disk.img")
-		if err := Create(path, p, nil); err != nil {
+		if err := blockif.Create(path, p, nil); err != nil {
 			b.Fatal(err)
 		}
 		d := mustOpen(b, path, nil)
@@ -394,34 +395,32 @@ func BenchmarkShrink(b *testing.B) {
 // its lock follows its own descriptor rewrites, so no writer gets in
 // while an intent is recorded.
 func TestOfflineLock(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 4 * 4096, Split: 2 * 4096, SectorSize: 4096}
 	path := testImage(t, p, nil, false)
 	d := mustOpen(t, path, nil)
-	if _, err := Shrink(path, nil); !errors.Is(err, ErrInUse) {
-		t.Errorf("shrink of an open image: %v, want ErrInUse", err)
+	if _, err := Shrink(path, nil); !errors.Is(err, blockif.ErrInUse) {
+		t.Errorf("shrink of an open image: %v, want blockif.ErrInUse", err)
 	}
-	if _, err := Resize(path, 8*4096, nil); !errors.Is(err, ErrInUse) {
-		t.Errorf("resize of an open image: %v, want ErrInUse", err)
+	if _, err := Resize(path, 8*4096, nil); !errors.Is(err, blockif.ErrInUse) {
+		t.Errorf("resize of an open image: %v, want blockif.ErrInUse", err)
 	}
 	d.Close()
-	lock, err := lockOffline(vfs.OS{}, path, true)
+	lock, err := format.LockImage(vfs.OS{}, path, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	desc, _ := ReadDescriptor(nil, path)
-	if err := lock.setIntent(&desc, IntentShrink); err != nil {
+	desc, _ := format.ReadDescriptor(nil, path)
+	if err := lock.SetIntent(&desc, format.IntentShrink); err != nil {
 		t.Fatal(err)
 	}
-	if d, err := Open(path, nil); !errors.Is(err, ErrInUse) {
+	if d, err := blockif.Open(path, nil); !errors.Is(err, blockif.ErrInUse) {
 		if err == nil {
 			d.Close()
 		}
-		t.Errorf("Open while an offline tool holds the image: %v, want ErrInUse", err)
+		t.Errorf("Open while an offline tool holds the image: %v, want blockif.ErrInUse", err)
 	}
 	lock.Close()
-	if err := FinishIntent(path, nil); err != nil {
-		t.Fatal(err)
-	}
+	finishIntent(t, path)
 }
 
 // TestShrinkTempSpace: shrink needs at most one segment of extra space
@@ -431,7 +430,7 @@ func TestOfflineLock(t *testing.T) {
 func TestShrinkTempSpace(t *testing.T) {
 	// Segments large enough that each compacted copy spans several
 	// shrinkChunk writes, filled out of order with holes punched after.
-	p := Params{Layout: LayoutSparse, Size: 3 * (4 << 20), Split: 4 << 20, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 3 * (4 << 20), Split: 4 << 20, SectorSize: 4096}
 	path := testImage(t, p, nil, false)
 	d := mustOpen(t, path, nil)
 	rng := rand.New(rand.NewPCG(11, 11))
