@@ -179,7 +179,7 @@ func checkFiles(path string, o *Options) (*Report, error) {
 // check walks every segment; visit, if not nil, is called for each
 // segment's entries (a copy) and the file's slot count, progress (if not
 // nil) after each segment with the bytes of the disk covered so far.
-func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64), progress func(done, total int64)) (*Report, error) {
+func (d *Disk) check(visit func(s *segState, e []uint32, fileSlots int64), progress func(done, total int64)) (*Report, error) {
 	r := &Report{Image: d.path, Layout: d.desc.Layout}
 	if d.desc.Layout == format.LayoutRaw {
 		return r, nil
@@ -246,10 +246,10 @@ func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64), progress f
 
 // entries returns a copy of segment s's LUT entries: from memory if
 // loaded, else read from the LUT file without validating or caching them.
-func (d *Disk) entries(s *seg) ([]uint32, error) {
+func (d *Disk) entries(s *segState) ([]uint32, error) {
 	s.mu.RLock()
-	if s.tab != nil {
-		e := append([]uint32(nil), s.tab.E...)
+	if s.part != nil {
+		e := append([]uint32(nil), s.part.Entries...)
 		s.mu.RUnlock()
 		return e, nil
 	}
@@ -258,11 +258,11 @@ func (d *Disk) entries(s *seg) ([]uint32, error) {
 	if err != nil {
 		return nil, err
 	}
-	return t.E, nil
+	return t.Entries, nil
 }
 
 // findLeaks reports runs of unreferenced slots that hold non-zero data.
-func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
+func (d *Disk) findLeaks(r *Report, s *segState, used []bool) error {
 	ss := d.desc.SectorSize
 	buf := make([]byte, 1<<20)
 	per := int64(len(buf)) / ss

@@ -61,8 +61,8 @@ type Disk struct {
 	log      *slog.Logger
 	lock     *format.ImageLock // on the descriptor (or raw file); moves with rewrites
 
-	segs []*seg     // one per segment (sparse, split); raw: one
-	lut  *lut.Table // sparse layout only
+	segs []*segState // one per segment (sparse, split); raw: one
+	lut  *lut.Table  // sparse layout only
 
 	// ranges serialises writers (WriteAt, Trim, WriteZeroes) whose sector
 	// ranges overlap, so read-modify-write of partial sectors and slot
@@ -83,16 +83,17 @@ type Disk struct {
 	writes atomic.Int64 // mutating calls, for Stats
 }
 
-// seg is one segment with its part of the LUT.
-type seg struct {
-	*segment.Segment
+// segState is the engine's state of one segment: its file and its part of
+// the LUT.
+type segState struct {
+	*segment.File
 	sectors int64 // sectors of the disk in this segment
 
-	// mu protects tab (the pointer and its entries). It is held across the
+	// mu protects part (the pointer and its entries). It is held across the
 	// one-time LUT load of the segment, on purpose: every user needs it.
-	mu  sync.RWMutex
-	tab *lut.Segment // sparse: nil until loaded
-	err error        // sparse: load error, reported on every access
+	mu   sync.RWMutex
+	part *lut.Part // sparse: nil until loaded
+	err  error     // sparse: load error, reported on every access
 }
 
 // Create makes a new, empty image. It refuses to overwrite anything: the
@@ -253,7 +254,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 		if fileSize == 0 {
 			return fmt.Errorf("%w: %s is empty", ErrInvalid, d.path)
 		}
-		d.segs = []*seg{{Segment: segment.New(d.fs, d.path, 0, 512, d.readOnly), sectors: (fileSize + 511) / 512}}
+		d.segs = []*segState{{File: segment.New(d.fs, d.path, 0, 512, d.readOnly), sectors: (fileSize + 511) / 512}}
 		return nil
 	}
 	desc, err := format.ReadDescriptor(d.fs, d.path)
@@ -271,7 +272,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	d.desc = desc
 	p := desc.Params
 	nseg := p.Segments()
-	d.segs = make([]*seg, nseg)
+	d.segs = make([]*segState, nseg)
 	for i := range d.segs {
 		name := format.SegmentName(d.path, i)
 		fi, err := d.fs.Stat(name)
@@ -286,8 +287,8 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 				return fmt.Errorf("%w: segment file %s is %d bytes, longer than its %d", ErrCorrupt, name, fi.Size(), want)
 			}
 		}
-		d.segs[i] = &seg{
-			Segment: segment.New(d.fs, name, i, p.SectorSize, d.readOnly),
+		d.segs[i] = &segState{
+			File:    segment.New(d.fs, name, i, p.SectorSize, d.readOnly),
 			sectors: min(p.Split, p.Size-int64(i)*p.Split) / p.SectorSize,
 		}
 	}

@@ -69,7 +69,7 @@
 //   - flushMu: serialises Flush, held across its fsyncs on purpose (a Flush
 //     must cover writes that completed before it started).
 //   - ranges: exclusive per sector range for writers; readers skip it.
-//   - seg.mu (RW): protects one segment's LUT entries; held only for
+//   - segState.mu (RW): protects one segment's LUT part; held only for
 //     lookups and updates in memory, except across the one-time load.
 //
 // Concurrent writes to the same bytes end with one of them; concurrent

@@ -47,17 +47,17 @@ func (d *Disk) Extents(off, n int64) ([]Extent, error) {
 		i := pos / split
 		s := d.segs[i]
 		segEnd := min(end, (i+1)*split)
-		t, err := d.table(s)
+		err := d.withTable(s, func(t *lut.Part) {
+			for pos < segEnd {
+				j := (pos % split) / ss
+				c := min(segEnd, (pos/ss+1)*ss) - pos
+				add(pos, c, t.Entries[j] != lut.Unallocated)
+				pos += c
+			}
+		})
 		if err != nil {
 			return nil, err
 		}
-		for pos < segEnd {
-			j := (pos % split) / ss
-			c := min(segEnd, (pos/ss+1)*ss) - pos
-			add(pos, c, t.E[j] != lut.Unallocated)
-			pos += c
-		}
-		s.mu.RUnlock()
 	}
 	return out, nil
 }
@@ -77,7 +77,7 @@ func (d *Disk) ReleaseTables() error {
 	}
 	for _, s := range d.segs {
 		s.mu.Lock()
-		s.tab, s.err = nil, nil
+		s.part, s.err = nil, nil
 		s.mu.Unlock()
 	}
 	return nil

@@ -19,14 +19,14 @@
 // The table is loaded lazily, one segment's entries at a time ([Table.Load]),
 // so opening a huge image costs nothing and touching one sector loads only
 // that segment's part (split/sectorsize entries). Changes are tracked per
-// 4 KiB page of the file ([Segment.Set] marks the page dirty);
-// [Segment.TakeDirty] snapshots the dirty pages for [Table.WritePages]. The
+// 4 KiB page of the file ([Part.Set] marks the page dirty);
+// [Part.TakeDirty] snapshots the dirty pages for [Table.WritePages]. The
 // caller (package blockif) decides when a page may be written: only once the
 // data of every entry in the snapshot is durable.
 //
 // # Concurrency
 //
-// [Table] is safe for concurrent use. [Segment] is not: its owner serialises
+// [Table] is safe for concurrent use. [Part] is not: its owner serialises
 // access (blockif holds a per-segment mutex).
 package lut
 
@@ -122,20 +122,20 @@ func (t *Table) Path() string { return t.path }
 // FileSize is the LUT file's length when it was opened.
 func (t *Table) FileSize() int64 { return t.fileSize }
 
-// Segment is the part of the table that belongs to one segment. It is not
+// Part is the part of the table that belongs to one segment. It is not
 // safe for concurrent use.
-type Segment struct {
+type Part struct {
 	// Index is the segment number.
 	Index int
 	// First is the global sector number of entry 0.
 	First int64
-	// E holds the entries, indexed by sector number within the segment.
-	E     []uint32
-	dirty []uint64 // one bit per page of E
+	// Entries holds the entries, indexed by sector number within the segment.
+	Entries []uint32
+	dirty   []uint64 // one bit per page of Entries
 }
 
 // Load reads segment i's entries.
-func (t *Table) Load(i int) (*Segment, error) {
+func (t *Table) Load(i int) (*Part, error) {
 	first := int64(i) * t.perSeg
 	n := min(t.perSeg, t.entries-first)
 	if n <= 0 {
@@ -150,16 +150,16 @@ func (t *Table) Load(i int) (*Segment, error) {
 	for j := got; j < len(buf); j++ { // short LUT (xhyve floor variant)
 		buf[j] = 0xFF
 	}
-	s := &Segment{Index: i, First: first, E: make([]uint32, n), dirty: make([]uint64, (n+PageEntries*64-1)/(PageEntries*64))}
-	for j := range s.E {
-		s.E[j] = binary.LittleEndian.Uint32(buf[j*EntrySize:])
+	s := &Part{Index: i, First: first, Entries: make([]uint32, n), dirty: make([]uint64, (n+PageEntries*64-1)/(PageEntries*64))}
+	for j := range s.Entries {
+		s.Entries[j] = binary.LittleEndian.Uint32(buf[j*EntrySize:])
 	}
 	return s, nil
 }
 
 // Set changes entry j (sector First+j) and marks its page dirty.
-func (s *Segment) Set(j int64, v uint32) {
-	s.E[j] = v
+func (s *Part) Set(j int64, v uint32) {
+	s.Entries[j] = v
 	p := j / PageEntries
 	s.dirty[p/64] |= 1 << (p % 64)
 }
@@ -168,13 +168,13 @@ func (s *Segment) Set(j int64, v uint32) {
 type Page struct {
 	Off  int64 // byte offset in the LUT file
 	Data []byte
-	seg  *Segment
+	seg  *Part
 	page int64
 }
 
 // TakeDirty snapshots every dirty page of s and clears the dirty marks.
-// If writing the pages fails, [Segment.Redirty] puts the marks back.
-func (s *Segment) TakeDirty() []Page {
+// If writing the pages fails, [Part.Redirty] puts the marks back.
+func (s *Part) TakeDirty() []Page {
 	var pages []Page
 	for w, word := range s.dirty {
 		for word != 0 {
@@ -182,10 +182,10 @@ func (s *Segment) TakeDirty() []Page {
 			word &^= 1 << b
 			p := int64(w*64 + b)
 			lo := p * PageEntries
-			hi := min(lo+PageEntries, int64(len(s.E)))
+			hi := min(lo+PageEntries, int64(len(s.Entries)))
 			data := make([]byte, (hi-lo)*EntrySize)
 			for j := lo; j < hi; j++ {
-				binary.LittleEndian.PutUint32(data[(j-lo)*EntrySize:], s.E[j])
+				binary.LittleEndian.PutUint32(data[(j-lo)*EntrySize:], s.Entries[j])
 			}
 			pages = append(pages, Page{Off: (s.First + lo) * EntrySize, Data: data, seg: s, page: p})
 		}
@@ -203,7 +203,7 @@ func Redirty(pages []Page) {
 }
 
 // Dirty reports whether any page of s is dirty.
-func (s *Segment) Dirty() bool {
+func (s *Part) Dirty() bool {
 	for _, w := range s.dirty {
 		if w != 0 {
 			return true

@@ -52,8 +52,8 @@ func TestSetPersistsLittleEndianAtGlobalIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s1.First != perSeg || len(s1.E) != n-perSeg || s1.E[0] != Unallocated {
-		t.Fatalf("segment 1: first %d, %d entries, E[0]=%#x", s1.First, len(s1.E), s1.E[0])
+	if s1.First != perSeg || len(s1.Entries) != n-perSeg || s1.Entries[0] != Unallocated {
+		t.Fatalf("segment 1: first %d, %d entries, Entries[0]=%#x", s1.First, len(s1.Entries), s1.Entries[0])
 	}
 	if s1.Dirty() {
 		t.Error("freshly loaded segment is dirty")
@@ -87,7 +87,7 @@ func TestSetPersistsLittleEndianAtGlobalIndex(t *testing.T) {
 	}
 	// Reload sees the values.
 	again, _ := tab.Load(1)
-	if again.E[0] != 0x01020304 || again.E[PageEntries+5] != 7 {
+	if again.Entries[0] != 0x01020304 || again.Entries[PageEntries+5] != 7 {
 		t.Error("reloaded entries differ")
 	}
 	// A failed write puts the dirty marks back.
@@ -111,7 +111,7 @@ func TestOpenShortLUT(t *testing.T) {
 		t.Fatalf("LUT one entry short (minEntries allows it): %v", err)
 	}
 	s, err := tab.Load(0)
-	if err != nil || s.E[100] != Unallocated {
+	if err != nil || s.Entries[100] != Unallocated {
 		t.Errorf("missing entry must read unallocated: %v", err)
 	}
 	tab.Close()

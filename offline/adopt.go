@@ -80,7 +80,7 @@ func Adopt(path string, p format.Params, o *blockif.Options) error {
 			}
 			slots := fi.Size() / p.SectorSize
 			owner := make(map[uint32]int64)
-			for j, v := range s.E {
+			for j, v := range s.Entries {
 				if v == lut.Unallocated {
 					continue
 				}
