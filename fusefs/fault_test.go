@@ -37,7 +37,7 @@ func faultTmpfs(t *testing.T, size string) string {
 // faultMount mounts b and returns the mount, the open disk file and a
 // function that closes the file and unmounts (also run when the test ends,
 // if the test did not).
-func faultMount(t *testing.T, b Backend) (*Mount, *os.File, func()) {
+func faultMount(t *testing.T, b blockif.Device) (*Mount, *os.File, func()) {
 	t.Helper()
 	needFUSE(t)
 	m, err := New(t.TempDir(), b, &Options{Name: "disk"})

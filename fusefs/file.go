@@ -10,6 +10,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/sparsedisk/sparsedisk/blockif"
 )
 
 // fallocate mode bits (linux/falloc.h).
@@ -95,11 +96,11 @@ func (f *diskFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errn
 }
 
 // diskFile is the one regular file: the disk. Its data operations go
-// straight to the Backend with no locking here (the Backend is safe for
+// straight to the Device with no locking here (the Device is safe for
 // concurrent use); only the cosmetic attributes take mu.
 type diskFile struct {
 	fs.Inode
-	b        Backend
+	b        blockif.Device
 	name     string
 	readOnly bool
 	log      *slog.Logger

@@ -67,7 +67,7 @@ func run(t testing.TB, name string, args ...string) string {
 }
 
 // mountT mounts b at a fresh directory and unmounts it when the test ends.
-func mountT(t testing.TB, b Backend, o *Options) *Mount {
+func mountT(t testing.TB, b blockif.Device, o *Options) *Mount {
 	t.Helper()
 	needFUSE(t)
 	if o == nil {
@@ -203,7 +203,7 @@ func dataRuns(t testing.TB, f *os.File, size int64) []blockif.Extent {
 }
 
 // allocatedRuns merges a backend's allocated extents into maximal runs.
-func allocatedRuns(t testing.TB, b Backend) []blockif.Extent {
+func allocatedRuns(t testing.TB, b blockif.Device) []blockif.Extent {
 	t.Helper()
 	ext, err := b.Extents(0, b.Size())
 	if err != nil {

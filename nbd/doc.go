@@ -1,5 +1,5 @@
 // Package nbd is sparsedisk's Network Block Device server: it serves one or
-// more [Backend]s (normally *blockif.Disk images) to NBD clients such as
+// more [blockif.Device]s (normally *blockif.Disk images) to NBD clients such as
 // qemu, the libnbd tools (nbdinfo, nbdcopy, nbdsh), nbd-client and the
 // Linux kernel's /dev/nbdX.
 //

@@ -20,9 +20,6 @@ import (
 	"github.com/sparsedisk/sparsedisk/format"
 )
 
-// *blockif.Disk is the backend the server is built for.
-var _ Backend = (*blockif.Disk)(nil)
-
 // needTool returns the path of a peer tool. A missing tool skips the test,
 // except under CI=true, where the tools are installed on purpose and a
 // missing one is a failure.

@@ -15,32 +15,6 @@ import (
 	"github.com/sparsedisk/sparsedisk/blockif"
 )
 
-// Backend is the disk an export serves. *blockif.Disk implements it.
-// Implementations must be safe for concurrent use: the server calls them
-// from many goroutines at once, for one connection and across connections.
-type Backend interface {
-	// ReadAt and WriteAt follow io.ReaderAt and io.WriterAt; any offset
-	// and length within Size is allowed.
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	// Flush makes every write completed before the call durable.
-	Flush() error
-	// Trim and WriteZeroes make [off, off+n) read as zeros and may release
-	// its space.
-	Trim(off, n int64) error
-	WriteZeroes(off, n int64) error
-	// Extents describes exactly [off, off+n) as runs of allocated data
-	// and unallocated (zero) space.
-	Extents(off, n int64) ([]blockif.Extent, error)
-	// Size is the export size in bytes.
-	Size() int64
-	// SectorSize is the smallest efficient I/O unit, advertised as the
-	// minimum and preferred block size. A power of two, 1…65536.
-	SectorSize() int64
-	// ReadOnly reports whether writes are refused.
-	ReadOnly() bool
-}
-
 // Export is one named disk offered by a Server. It is plain data, copied
 // by NewServer; it is not used concurrently by itself (its Backend is).
 type Export struct {
@@ -49,8 +23,8 @@ type Export struct {
 	Name string
 	// Description is shown by clients that list exports (optional).
 	Description string
-	// Backend serves the data.
-	Backend Backend
+	// Backend serves the data (normally a *blockif.Disk).
+	Backend blockif.Device
 	// ReadOnly forces the export read-only even if Backend is writable.
 	ReadOnly bool
 }
@@ -471,7 +445,7 @@ func remoteAddr(nc net.Conn) string {
 // costs about one durable sync per round, not one per request. It is safe
 // for concurrent use.
 type flusher struct {
-	b Backend
+	b blockif.Device
 
 	// mu protects the fields below; cond signals completion of a flush.
 	mu        sync.Mutex

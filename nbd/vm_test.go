@@ -240,7 +240,7 @@ func TestVMOnExport(t *testing.T) {
 }
 
 // copyIn writes the non-zero MiB chunks of a raw file into d.
-func copyIn(t *testing.T, raw string, d Backend) {
+func copyIn(t *testing.T, raw string, d blockif.Device) {
 	t.Helper()
 	data, err := os.ReadFile(raw)
 	if err != nil {
@@ -259,7 +259,7 @@ func copyIn(t *testing.T, raw string, d Backend) {
 }
 
 // copyOut writes d into a sparse raw file.
-func copyOut(t *testing.T, d Backend, path string) {
+func copyOut(t *testing.T, d blockif.Device, path string) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
