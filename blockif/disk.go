@@ -30,7 +30,7 @@ type Options struct {
 	// NoDirtyCheck skips the automatic check of an image whose descriptor
 	// says state = dirty (offline repair tools open such images on purpose).
 	NoDirtyCheck bool
-	// Progress, if not nil, is called by Check and CheckImage (only) as
+	// Progress, if not nil, is called by Check (only) as
 	// they walk a sparse image: with the bytes of the virtual disk checked
 	// so far and the disk size, ending with done == total.
 	Progress func(done, total int64)

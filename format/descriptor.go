@@ -263,15 +263,15 @@ func (d Descriptor) Marshal() []byte {
 // are not open; an open Disk rewrites its own descriptor so that its lock
 // moves to the new file.
 func WriteDescriptor(fsys vfs.FS, path string, d Descriptor) error {
-	_, err := ReplaceDescriptor(fsys, path, d, false, false)
+	_, err := replaceDescriptor(fsys, path, d, false, false)
 	return err
 }
 
-// ReplaceDescriptor writes d to a temp file, fsyncs it, and renames it over
+// replaceDescriptor writes d to a temp file, fsyncs it, and renames it over
 // path, fsyncing the directory. With lock, the temp file is locked (in the
 // given mode) before it becomes visible at path, and that lock is returned:
 // no other process can take it in between.
-func ReplaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
+func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}

@@ -87,7 +87,7 @@ func LockImage(fsys vfs.FS, path string, exclusive bool) (*ImageLock, error) {
 // Write durably replaces the descriptor, moving the lock to the new file
 // before it becomes visible.
 func (o *ImageLock) Write(desc Descriptor) error {
-	l, err := ReplaceDescriptor(o.fs, o.path, desc, true, o.exclusive)
+	l, err := replaceDescriptor(o.fs, o.path, desc, true, o.exclusive)
 	if err != nil {
 		return err
 	}

@@ -56,12 +56,11 @@ const Suffix = ".lut"
 
 // Table is an open LUT file.
 type Table struct {
-	fs       vfs.FS
-	f        vfs.File
-	path     string
-	entries  int64 // number of sectors of the disk
-	perSeg   int64 // entries per segment
-	fileSize int64 // LUT file length at open
+	fs      vfs.FS
+	f       vfs.File
+	path    string
+	entries int64 // number of sectors of the disk
+	perSeg  int64 // entries per segment
 }
 
 // Create writes a new LUT file of n unallocated entries at path, durably.
@@ -113,14 +112,11 @@ func Open(fsys vfs.FS, path string, n, minEntries, perSeg int64, readOnly bool) 
 		f.Close()
 		return nil, fmt.Errorf("%w: %s is %d bytes, want %d (%d sectors × %d)", ErrTruncated, path, size, n*EntrySize, n, EntrySize)
 	}
-	return &Table{fs: fsys, f: f, path: path, entries: n, perSeg: perSeg, fileSize: size}, nil
+	return &Table{fs: fsys, f: f, path: path, entries: n, perSeg: perSeg}, nil
 }
 
 // Path is the LUT file's path.
 func (t *Table) Path() string { return t.path }
-
-// FileSize is the LUT file's length when it was opened.
-func (t *Table) FileSize() int64 { return t.fileSize }
 
 // Part is the part of the table that belongs to one segment. It is not
 // safe for concurrent use.
@@ -173,7 +169,7 @@ type Page struct {
 }
 
 // TakeDirty snapshots every dirty page of s and clears the dirty marks.
-// If writing the pages fails, [Part.Redirty] puts the marks back.
+// If writing the pages fails, [Redirty] puts the marks back.
 func (s *Part) TakeDirty() []Page {
 	var pages []Page
 	for w, word := range s.dirty {

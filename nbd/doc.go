@@ -3,8 +3,8 @@
 // qemu, the libnbd tools (nbdinfo, nbdcopy, nbdsh), nbd-client and the
 // Linux kernel's /dev/nbdX.
 //
-// It is written against the protocol document kept in the project's shared
-// reference directory (nbd-proto.md), not ported from another server.
+// It is written against the NBD protocol specification (doc/proto.md in
+// the NetworkBlockDevice/nbd project), not ported from another server.
 //
 // # Design
 //

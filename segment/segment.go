@@ -95,8 +95,8 @@ func (s *File) Allocated() (int64, error) {
 // referenced slot + 1)).
 func (s *File) SetNext(slot int64) { s.next.Store(slot) }
 
-// Next is the append cursor: the number of slots ever allocated.
-func (s *File) Next() int64 { return s.next.Load() }
+// cursor is the append cursor: the number of slots ever allocated.
+func (s *File) cursor() int64 { return s.next.Load() }
 
 // Alloc reserves n consecutive new slots and returns the first. Slots are
 // never handed out twice while the segment is open.

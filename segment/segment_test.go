@@ -36,8 +36,8 @@ func TestAllocUnique(t *testing.T) {
 		}(g)
 	}
 	wg.Wait()
-	if int64(len(seen)) != s.Next()-5 {
-		t.Errorf("%d slots seen, cursor moved by %d", len(seen), s.Next()-5)
+	if int64(len(seen)) != s.cursor()-5 {
+		t.Errorf("%d slots seen, cursor moved by %d", len(seen), s.cursor()-5)
 	}
 }
 
