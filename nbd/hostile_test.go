@@ -921,7 +921,7 @@ func TestHostileFlood(t *testing.T) {
 		t.Errorf("admitted %d, refused %d: the flood did not reach the limit", admitted.Load(), refused.Load())
 	}
 	// One summary line per second of flood (plus the first).
-	if limit := int(elapsed/refusalLogEvery) + 2; refusalLogs > limit {
+	if limit := int(elapsed/evictionLogEvery) + 2; refusalLogs > limit {
 		t.Errorf("%d refusal log lines in %v, want at most %d", refusalLogs, elapsed, limit)
 	}
 	// Bound: at most 64 server connections in handshake (no buffers:

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/nbd"
 )
 
 func TestAttachArgs(t *testing.T) {
@@ -32,11 +33,24 @@ func TestAttachArgs(t *testing.T) {
 			t.Errorf("%q: exit %d, stderr %q, want it to mention %q", tc.args, code, stderr, tc.want)
 		}
 	}
-	if got := kernelBlockSize(65536); got != 4096 {
-		t.Errorf("kernelBlockSize(65536) = %d", got)
-	}
-	if got := kernelBlockSize(512); got != 512 {
-		t.Errorf("kernelBlockSize(512) = %d", got)
+	for _, tc := range []struct {
+		want, min, pref, got uint32
+		err                  string
+	}{
+		{0, 1, 65536, 4096, ""}, // 64 KiB sectors: the kernel's largest
+		{0, 1, 512, 512, ""},
+		{0, 1, 4096, 4096, ""},
+		{512, 1, 4096, 512, ""}, // any alignment: a 512-byte device on 4 KiB sectors
+		{0, 4096, 512, 4096, ""},
+		{512, 4096, 4096, 0, "below the export's minimum"},
+		{0, 8192, 8192, 0, "kernel NBD driver supports"},
+		{1000, 1, 4096, 0, "power of two"},
+		{8192, 1, 4096, 0, "power of two"},
+	} {
+		got, err := kernelBlockSize(tc.want, nbd.ExportInfo{MinBlock: tc.min, PrefBlock: tc.pref})
+		if got != tc.got || (err == nil) != (tc.err == "") || (err != nil && !strings.Contains(err.Error(), tc.err)) {
+			t.Errorf("kernelBlockSize(%d, min %d, pref %d) = %d, %v; want %d, %q", tc.want, tc.min, tc.pref, got, err, tc.got, tc.err)
+		}
 	}
 }
 
