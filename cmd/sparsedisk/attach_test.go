@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -263,9 +265,20 @@ func attachInVM(t *testing.T) {
 	if !strings.Contains(console, "VM-LBS s4096-lbs512 512 ") || !strings.Contains(console, "VM-LBS s4096 4096 ") {
 		t.Errorf("the devices' logical block sizes are not what attach asked for")
 	}
+	// fstrim released the 16 MiB scratch file: what stays allocated is
+	// the files (1.2 MiB), the metadata mkfs wrote and the journal's used
+	// part.
+	for _, m := range regexp.MustCompile(`VM-INFO (\S+) .*?allocated: +(\d+)`).FindAllStringSubmatch(console, -1) {
+		if n, _ := strconv.ParseInt(m[2], 10, 64); n > 8<<20 {
+			t.Errorf("case %s: %d bytes allocated after fstrim: the scratch file's space was not released", m[1], n)
+		}
+	}
 	// No I/O error of any kind in the guest kernel's log: the device never
 	// sent a request the export refused.
 	dmesg := console[strings.Index(console, "VM-DMESG-BEGIN"):strings.Index(console, "VM-DMESG-END")]
+	if !strings.Contains(dmesg, "EXT4-fs (nbd0)") {
+		t.Fatalf("the guest's kernel log does not show the ext4 mounts: not captured?\n%s", dmesg)
+	}
 	for _, line := range strings.Split(dmesg, "\n") {
 		l := strings.ToLower(line)
 		if strings.Contains(l, "error") || strings.Contains(l, "nbd0: other side returned") || strings.Contains(l, "critical") {
