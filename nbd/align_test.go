@@ -403,3 +403,47 @@ func TestCheckSerialDetects(t *testing.T) {
 		t.Fatalf("garbage not found: %v", p)
 	}
 }
+
+// TestPartialTrimFreesWholeSectors: TRIM and WRITE_ZEROES of a range with
+// partial sectors at both ends, on the engine: the partial edges read as
+// zeros and keep the rest of their sector's data; only the whole sectors
+// inside are deallocated.
+func TestPartialTrimFreesWholeSectors(t *testing.T) {
+	for _, typ := range []uint16{cmdTrim, cmdWriteZeroes} {
+		const ss = 4096
+		d := newImage(t, 1*mib, 256<<10, ss, false)
+		_, addr := startServer(t, Config{}, Export{Name: "d", Backend: d})
+		c := dial(t, addr)
+		c.connect("d", connectOpts{})
+		data := pattern(4*ss, 9)
+		c.request(cmdWrite, 0, 1, 0, 4*ss, data)
+		if errno, _, _ := c.simpleReply(0); errno != 0 {
+			t.Fatalf("write errno %d", errno)
+		}
+		// [100, 3*ss-100): partial sector 0, whole sector 1, partial sector 2.
+		c.request(typ, 0, 2, 100, 3*ss-200, nil)
+		if errno, _, _ := c.simpleReply(0); errno != 0 {
+			t.Fatalf("%s errno %d", cmdName(typ), errno)
+		}
+		want := append([]byte(nil), data...)
+		clear(want[100 : 3*ss-100])
+		got := make([]byte, 4*ss)
+		if _, err := d.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("%s: content differs from the model (%v)", cmdName(typ), err)
+		}
+		exts, err := d.Extents(0, 4*ss)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantExts := fmt.Sprint([]any{[3]any{0, ss, true}, [3]any{ss, ss, false}, [3]any{2 * ss, 2 * ss, true}})
+		var gotExts []any
+		for _, e := range exts {
+			gotExts = append(gotExts, [3]any{int(e.Offset), int(e.Length), e.Allocated})
+		}
+		if fmt.Sprint(gotExts) != wantExts {
+			t.Fatalf("%s: extents %v, want %v", cmdName(typ), gotExts, wantExts)
+		}
+		c.request(cmdDisc, 0, 3, 0, 0, nil)
+		c.expectClosed()
+	}
+}
