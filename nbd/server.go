@@ -189,7 +189,7 @@ type Config struct {
 	// conforming client never sends a zero-length GO, but one that did
 	// would stall until the handshake timeout instead of getting
 	// NBD_REP_ERR_INVALID, so enable this only for private connections
-	// to that client (sparsedisk attach).
+	// to that client.
 	AcceptUnframedGo bool
 }
 

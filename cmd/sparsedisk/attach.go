@@ -30,6 +30,10 @@ func init() {
 			"to the device, which then behaves like a disk (partition it, mkfs, mount). Runs in\n" +
 			"the foreground until `sparsedisk detach /dev/nbdX`, SIGINT or SIGTERM; the image is\n" +
 			"then flushed and closed clean. Needs root and the nbd kernel module (modprobe nbd).\n\n" +
+			"The device's logical block size is the image's sector size (at most 4096) unless\n" +
+			"--block-size says otherwise; the export serves any alignment, so a 512-byte device\n" +
+			"on a 4 KiB-sector image works (partial sectors are read-modify-written). The device\n" +
+			"supports discard (fstrim), flush and FUA.\n\n" +
 			"Example:\n   sparsedisk attach disk.img /dev/nbd0 &\n   mkfs.ext4 /dev/nbd0\n   sparsedisk detach /dev/nbd0",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "attach read-only"},
