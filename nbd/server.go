@@ -426,10 +426,10 @@ func (s *Server) ServeConn(nc net.Conn) {
 		// handshake in progress. The victim's goroutine then ends and
 		// frees what it held.
 		resetClose(victim.raw)
-		if logN > 0 {
-			// Under a flood, one line per second summarizes the evictions.
-			s.log.Warn("nbd: pending handshakes evicted by newer connections", "count", logN, "last_remote", remoteAddr(victim.raw), "err", ErrEvicted)
-		}
+	}
+	if logN > 0 {
+		// Under a flood, one line per second summarizes the evictions.
+		s.log.Warn("nbd: pending handshakes evicted by newer connections", "count", logN, "newest_remote", remoteAddr(nc), "err", ErrEvicted)
 	}
 	go func() {
 		defer s.wg.Done()
