@@ -255,6 +255,7 @@ func TestNbdinfo(t *testing.T) {
 			Size int64  `json:"export-size"`
 			RO   bool   `json:"is_read_only"`
 			Min  int64  `json:"block_size_minimum"`
+			Pref int64  `json:"block_size_preferred"`
 			Max  int64  `json:"block_size_maximum"`
 		} `json:"exports"`
 	}
@@ -262,7 +263,7 @@ func TestNbdinfo(t *testing.T) {
 		t.Fatalf("%v\n%s", err, out)
 	}
 	if len(list.Exports) != 2 || list.Exports[0].Name != "big" || list.Exports[0].Size != 20*gib ||
-		list.Exports[0].Desc != "twenty gigs" || list.Exports[0].Min != 4096 || list.Exports[0].Max != 32*mib ||
+		list.Exports[0].Desc != "twenty gigs" || list.Exports[0].Min != 1 || list.Exports[0].Pref != 4096 || list.Exports[0].Max != 32*mib ||
 		list.Exports[1].Name != "ro" || !list.Exports[1].RO {
 		t.Fatalf("nbdinfo --list:\n%s", out)
 	}

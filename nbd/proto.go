@@ -2,8 +2,8 @@ package nbd
 
 import "encoding/binary"
 
-// Wire constants, named after the protocol document
-// (../shared/reference/nbd-proto.md). All multi-byte fields on the wire are
+// Wire constants, named after the NBD protocol specification (doc/proto.md
+// in the NetworkBlockDevice/nbd project). All multi-byte fields on the wire are
 // big-endian; every encoder and decoder in this package uses
 // binary.BigEndian explicitly.
 
