@@ -1,8 +1,10 @@
 // Package blockif is the sparsedisk engine: one [Disk] type that serves a
 // virtual disk stored in one of three layouts, with the durability contract
-// of DESIGN.md §3.
+// of FORMAT.md (section 7), at the repository root.
 //
 // # On-disk format
+//
+// FORMAT.md is the normative description; in short:
 //
 // An image at path P (frozen, byte-compatible with xhyve's split/sparse
 // images):

@@ -12,7 +12,8 @@ import (
 
 // Intent records written to the descriptor's `intent` key by the offline
 // tools. While one is present, Open for writing first finishes (or rolls
-// back) the operation, and a read-only Open refuses the image.
+// back) the operation, and a read-only Open refuses the image. FORMAT.md
+// (section 8) states how each is finished.
 const (
 	// IntentShrink: a shrink is compacting segments; the journal
 	// P.shrink-journal (if valid) holds the segment being committed.

@@ -54,7 +54,7 @@ func (d *Disk) table(s *seg) (*lut.Segment, error) {
 
 // loadTable reads a segment's LUT part and sets its append cursor to
 // max(file slots, highest referenced slot + 1). An entry at or past the
-// file's end is corruption (DESIGN.md §3.5).
+// file's end is corruption (FORMAT.md, sections 6 and 7.1).
 func (d *Disk) loadTable(s *seg) (*lut.Segment, error) {
 	t, err := d.lut.Load(s.Index())
 	if err != nil {
@@ -440,7 +440,7 @@ func (d *Disk) deallocate(s *seg, j, count int64) error {
 
 // Flush makes every write, trim and zeroing completed before the call
 // durable: it fdatasyncs every dirty segment, then writes the dirty LUT
-// pages, then fdatasyncs the LUT (DESIGN.md §3.3).
+// pages, then fdatasyncs the LUT (FORMAT.md, section 7.2).
 func (d *Disk) Flush() error {
 	if err := d.enter(); err != nil {
 		return err

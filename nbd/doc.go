@@ -3,8 +3,8 @@
 // qemu, the libnbd tools (nbdinfo, nbdcopy, nbdsh), nbd-client and the
 // Linux kernel's /dev/nbdX.
 //
-// It is written against the protocol document kept in the project's shared
-// reference directory (nbd-proto.md), not ported from another server.
+// It is written against the NBD protocol specification (doc/proto.md of the
+// NetworkBlockDevice/nbd project), not ported from another server.
 //
 // # Design
 //
@@ -25,7 +25,8 @@
 // advertises the image's sector size as minimum and preferred block size
 // and Config.MaxPayload (32 MiB) as maximum payload. Alignment is enforced
 // only for clients that asked for block sizes with NBD_OPT_GO, as the
-// protocol requires; the engine handles any byte range for the others.
+// specification's section 'Size constraints' requires; the engine handles
+// any byte range for the others.
 //
 // With structured replies, a READ of 64 KiB or more is answered from the
 // engine's allocation map (shorter ones are one data chunk): unallocated runs become NBD_REPLY_TYPE_OFFSET_HOLE chunks, allocated

@@ -8,7 +8,8 @@
 // digits; index 10000 is P.10000). In the sparse layout it is an array of
 // slots of sectorsize bytes, appended in allocation order; slot v starts at
 // byte v * sectorsize. In the split layout it holds the disk's bytes
-// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible.
+// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible;
+// FORMAT.md at the repository root (section 5) is the full reference.
 //
 // # Concurrency
 //
