@@ -10,7 +10,8 @@ import (
 )
 
 // TestGoldenFormat writes a fixed sequence and compares the segment, LUT
-// and descriptor bytes with what FORMAT.md predicts.
+// and descriptor bytes with what FORMAT.md predicts (its example in
+// section 6 is this test).
 func TestGoldenFormat(t *testing.T) {
 	const ss = 4096
 	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 16 * ss, Split: 4 * ss, SectorSize: ss}, nil, false)

@@ -64,7 +64,7 @@ func (d *Disk) withTable(s *segState, fn func(t *lut.Part)) error {
 
 // loadTable reads a segment's LUT part and sets its append cursor to
 // max(file slots, highest referenced slot + 1). An entry at or past the
-// file's end is corruption (FORMAT.md).
+// file's end is corruption (FORMAT.md, sections 6 and 7.1).
 func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
 	t, err := d.lut.Load(s.Index())
 	if err != nil {
@@ -446,7 +446,7 @@ func (d *Disk) deallocate(s *segState, j, count int64) error {
 
 // Flush makes every write, trim and zeroing completed before the call
 // durable: it fdatasyncs every dirty segment, then writes the dirty LUT
-// pages, then fdatasyncs the LUT (FORMAT.md, durability).
+// pages, then fdatasyncs the LUT (FORMAT.md, section 7.2).
 func (d *Disk) Flush() error {
 	if err := d.enter(); err != nil {
 		return err

@@ -35,7 +35,7 @@ const (
 	StateDirty = "dirty"
 )
 
-// Limits of the format (FORMAT.md).
+// Limits of the format (FORMAT.md, section 4).
 const (
 	MinSectorSize     = 512
 	MaxSectorSize     = 65536
@@ -144,7 +144,7 @@ func HumanSize(n int64) string {
 // # On-disk format
 //
 // A UTF-8 text file of `key = value` lines; `#` starts a comment; blank
-// lines are ignored; unknown keys are an error. Keys:
+// lines are ignored; unknown keys are an error (FORMAT.md, section 3). Keys:
 //
 //	| key        | value                                  | required |
 //	|------------|----------------------------------------|----------|

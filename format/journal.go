@@ -22,7 +22,7 @@ import (
 // Journal format (little-endian): magic "SDSHRNK1" (8 bytes), segment index
 // (uint32), entry count n (uint32), n entries (uint32 each), CRC-32 (IEEE)
 // of everything before it (uint32). A journal that is short or fails its
-// CRC was never committed and is ignored.
+// CRC was never committed and is ignored. FORMAT.md (section 8.2) has the byte table and the recovery rules.
 const journalMagic = "SDSHRNK1"
 
 // WriteJournal durably writes the journal for segment i (the file and its

@@ -13,6 +13,7 @@
 //	| v (any other)| data at byte v * sectorsize of segment file P.%04d       |
 //
 // This layout is frozen: it is byte-compatible with xhyve's sparse images.
+// FORMAT.md at the repository root (section 6) is the full reference.
 //
 // # Design
 //

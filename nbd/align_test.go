@@ -29,7 +29,7 @@ for strict in (True, False):
     h.connect_uri(uri)
     assert h.get_block_size(nbd.SIZE_MINIMUM) == 1, h.get_block_size(nbd.SIZE_MINIMUM)
     assert h.get_block_size(nbd.SIZE_PREFERRED) == sector, h.get_block_size(nbd.SIZE_PREFERRED)
-    # The issue's case: 3 bytes at offset 100.
+    # A 3-byte write at offset 100, as libnbd's default (strict) mode sends it.
     h.pwrite(b"abc", 100)
     assert h.pread(200, 0) == bytes(100) + b"abc" + bytes(97)
     h.trim(3, 100)

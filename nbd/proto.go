@@ -3,9 +3,9 @@ package nbd
 import "encoding/binary"
 
 // Wire constants, named after the NBD protocol specification (doc/proto.md
-// in the NetworkBlockDevice/nbd project). All multi-byte fields on the wire are
-// big-endian; every encoder and decoder in this package uses
-// binary.BigEndian explicitly.
+// of the NetworkBlockDevice/nbd project), section 'Values'. All multi-byte
+// fields on the wire are big-endian; every encoder and decoder in this
+// package uses binary.BigEndian explicitly.
 
 // Magic numbers.
 const (

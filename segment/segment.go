@@ -9,7 +9,8 @@
 // FORMAT.md at the repository root describes every file of an image). In the sparse layout it is an array of
 // slots of sectorsize bytes, appended in allocation order; slot v starts at
 // byte v * sectorsize. In the split layout it holds the disk's bytes
-// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible.
+// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible;
+// FORMAT.md at the repository root (section 5) is the full reference.
 //
 // # Concurrency
 //

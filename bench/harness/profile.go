@@ -184,7 +184,7 @@ func pprofTop(ctx context.Context, path string) string {
 }
 
 // profileConvert runs sparsedisk convert once under perf record (the
-// convert row has no target in the issue, but is the slowest relative
+// convert row has no speed target, but is the slowest relative
 // to its peer in practice, so it gets its own profile).
 func profileConvert(ctx context.Context, res *results, out string) (*profileReport, error) {
 	row := rowByID("convert-time")

@@ -148,7 +148,7 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 		}
 		fmt.Fprintf(&b, "\n")
 	}
-	fmt.Fprintf(&b, "Bold ratios are the ones the issue sets a target for.\n\n")
+	fmt.Fprintf(&b, "Bold ratios are the ones with a target (listed under Targets below and in bench/README.md).\n\n")
 
 	fmt.Fprintf(&b, "## Targets\n\n| target | row | ratio | needed | |\n|---|---|---:|---:|---|\n")
 	met, total := 0, 0
@@ -275,7 +275,7 @@ func renderProfile(p *profileReport, worst bool) string {
 		fmt.Fprintf(&b, "Row **%s** (%s vs %s). It was run again for sparsedisk alone with `perf record -F 999 -g` attached to the serving process (%s samples):\n\n",
 			p.row.title, fmtRatio(p.ratio), p.peer, p.samples)
 	} else {
-		fmt.Fprintf(&b, "The convert row has no target in the issue, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
+		fmt.Fprintf(&b, "The convert row has no speed target, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
 			fmtRatio(p.ratio), p.peer, p.samples)
 	}
 	fmt.Fprintf(&b, "```\n%s\n```\n\n", p.command)

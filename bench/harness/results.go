@@ -29,7 +29,8 @@ const (
 // allTargets fixes the column order and the chart colours.
 var allTargets = []string{tSD, tSDConv, tQcow, tQraw, tKit, tFuseKit, tQemuImg, tRawFile, tLocal}
 
-// goal is one target from the issue: ratio to peer at least min.
+// goal is one speed target sparsedisk is held to (bench/README.md lists
+// them): its ratio to peer at least min.
 type goal struct {
 	peer string
 	min  float64
