@@ -169,6 +169,12 @@ type Config struct {
 	// NBD_REP_ERR_INVALID, so enable this only for private connections
 	// to that client (sparsedisk attach).
 	AcceptUnframedGo bool
+
+	// LoopbackCongestion is the TCP congestion control set on connections
+	// whose both ends are loopback addresses: "" means
+	// DefaultLoopbackCongestion, KeepCongestion leaves the system's
+	// default (for benchmarks that run every server under one setting).
+	LoopbackCongestion string
 }
 
 func (c *Config) withDefaults() Config {
@@ -385,7 +391,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 			delete(s.conns, c)
 			s.mu.Unlock()
 		}()
-		tuneLoopback(nc)
+		tuneLoopbackTo(nc, s.cfg.LoopbackCongestion)
 		c.serve()
 	}()
 }
