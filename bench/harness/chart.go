@@ -210,7 +210,7 @@ func drawChart(res *results, path string) error {
 		panels[i/cols][i%cols] = plot.New()
 		panels[i/cols][i%cols].HideAxes()
 	}
-	legendH := vg.Inch / 2
+	legendH := 3 * vg.Inch / 4
 	width, height := 16*vg.Inch, vg.Length(nrows)*3.2*vg.Inch+legendH
 	img := vgimg.New(width, height)
 	dc := draw.New(img)
@@ -237,18 +237,20 @@ func drawChart(res *results, path string) error {
 	return f.Close()
 }
 
-// drawLegend writes the colour of every target in a strip along the top.
+// drawLegend writes, in a strip along the top, what bars, whiskers and
+// labels mean (first line) and the colour of every target (second line).
 func drawLegend(dc draw.Canvas, h vg.Length) {
 	p := plot.New()
 	fnt := p.Y.Tick.Label.Font
 	fnt.Size = vg.Points(9)
 	ts := draw.TextStyle{Color: color.Black, Font: fnt, XAlign: draw.XLeft, YAlign: draw.YCenter, Handler: plot.DefaultTextHandler}
-	y := dc.Max.Y - h/2
-	x := dc.Min.X + vg.Inch/2
+	x0 := dc.Min.X + vg.Inch/2
+	y := dc.Max.Y - h/4
+	dc.FillText(ts, vg.Point{X: x0, Y: y}, "Bars: median; whiskers: min–max of the repetitions; labels: sparsedisk ÷ that bar (above 1: sparsedisk better). "+
+		"NBD panels: one group per transport. The local file of the NBD rows is in RESULTS.md.")
+	y = dc.Max.Y - 3*h/4
+	x := x0
 	seen := map[string]bool{}
-	txt := "Bars: median; whiskers: min–max of the repetitions; labels: sparsedisk ÷ that bar (above 1: sparsedisk better). The local file of the NBD rows is in RESULTS.md.   "
-	dc.FillText(ts, vg.Point{X: x, Y: y}, txt)
-	x += ts.Width(txt)
 	for _, t := range allTargets {
 		n := shortName(t)
 		if seen[n] || t == tSDConv {

@@ -1,6 +1,6 @@
 // Command harness runs sparsedisk's end-to-end benchmarks against its peers
 // (qemu-nbd with qcow2 and raw, nbdkit file, nbdkit memory as the protocol
-// ceiling, nbdfuse over nbdkit, qemu-img, and the local file itself) in
+// reference, nbdfuse over nbdkit, qemu-img, and the local file itself) in
 // one run on one machine, over TCP under two congestion controls and over
 // a Unix socket, repeats every measurement with the target order rotated,
 // and writes medians, min–max and ratios to RESULTS.md and a chart to
@@ -75,7 +75,19 @@ func main() {
 	work := flag.String("work", "", "scratch directory on the file system to measure (default: a new directory in /var/tmp)")
 	only := flag.String("only", "", "comma-separated workloads to run (nbd,copy,space,fuse,convert,cost); default all")
 	reps := flag.Int("reps", 0, "repetitions per measurement (default 5, 1 with -quick)")
+	chart := flag.String("chart", "", "measure nothing: draw results.png again from this results.json (into -out, default its directory)")
 	flag.Parse()
+	if *chart != "" {
+		dir := *out
+		if dir == "" {
+			dir = filepath.Dir(*chart)
+		}
+		if err := replot(*chart, filepath.Join(dir, "results.png")); err != nil {
+			fmt.Fprintln(os.Stderr, "harness:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	cfg = fullConfig()
 	if *quick {

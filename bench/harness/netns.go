@@ -57,6 +57,11 @@ func reexecInNetns() {
 	if os.Getenv(netnsEnv) != "" || os.Geteuid() != 0 {
 		return
 	}
+	for _, a := range os.Args[1:] {
+		if strings.HasPrefix(strings.TrimLeft(a, "-"), "chart") {
+			return // redraws only
+		}
+	}
 	host := readTrim(ccPath)
 	if host == "" {
 		return

@@ -406,8 +406,8 @@ func benchFUSE(ctx context.Context, res *results) error {
 						// O_DIRECT on the local file would measure the disk,
 						// while the engines behind FUSE read and write the
 						// page cache: the local file is run buffered, with
-						// the same warm cache, as the ceiling of the
-						// storage side.
+						// the same warm cache (an upper bound for reads;
+						// for writes see the local-file note).
 						jj.direct = false
 					}
 					r, err := runFio(ctx, jj, "--ioengine="+j.engine, "--filename="+file)
