@@ -39,7 +39,7 @@ bench: build
 	$(GO) run ./bench/harness -bin $(BIN) -out bench
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./blockif/ ./bench/...
 
-## bench-quick: a ~2 minute smoke run of the harness (results in /tmp/sparsedisk-bench-quick)
+## bench-quick: a smoke run of the harness (a few minutes) (results in /tmp/sparsedisk-bench-quick)
 bench-quick: build
 	@./scripts/deps.sh bench
 	$(GO) run ./bench/harness -quick -bin $(BIN) -out /tmp/sparsedisk-bench-quick

@@ -165,6 +165,12 @@ type Config struct {
 	// NBD_REP_ERR_INVALID, so enable this only for private connections
 	// to that client.
 	AcceptUnframedGo bool
+
+	// LoopbackCongestion is the TCP congestion control set on connections
+	// whose both ends are loopback addresses: "" means
+	// DefaultLoopbackCongestion, KeepCongestion leaves the system's
+	// default (for benchmarks that run every server under one setting).
+	LoopbackCongestion string
 }
 
 func (c *Config) withDefaults() Config {
@@ -407,7 +413,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 	}
 	go func() {
 		defer s.wg.Done()
-		tuneLoopback(nc)
+		tuneLoopbackTo(nc, s.cfg.LoopbackCongestion)
 		c.serve()
 		// The slot is free before the client can see the connection
 		// end, so a client that reconnects at once after EOF finds room.

@@ -351,7 +351,7 @@ func TestShrinkCrash(t *testing.T) {
 // BenchmarkShrink compacts a 4 GiB sparse image holding 400 MiB of live
 // data written one 4 KiB sector at a time in random order (fully
 // fragmented), plus 10% of it trimmed again, and reports the throughput
-// in GiB/s of live data. Run by bench/convert.sh.
+// in GiB/s of live data. `make bench` runs it.
 func BenchmarkShrink(b *testing.B) {
 	p := format.Params{Layout: format.LayoutSparse, Size: 4 << 30, Split: 1 << 30, SectorSize: 4096}
 	rng := rand.New(rand.NewPCG(11, 11))

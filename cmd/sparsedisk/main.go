@@ -104,6 +104,12 @@ func flagsFirst(args []string) []string {
 const cpuProfileEnv = "SPARSEDISK_CPUPROFILE"
 
 func main() {
+	if addr := os.Getenv(debugAddrEnv); addr != "" {
+		if _, err := startDebugServer(addr); err != nil {
+			fmt.Fprintf(os.Stderr, "sparsedisk: %v\n", err)
+			os.Exit(1)
+		}
+	}
 	if path := os.Getenv(cpuProfileEnv); path != "" {
 		f, err := os.Create(path)
 		if err == nil {

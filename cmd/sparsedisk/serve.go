@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -62,6 +63,7 @@ func init() {
 			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating (TLS included) in this time"},
 			&cli.DurationFlag{Name: "idle-timeout", Usage: "close connections that send no request for this long (0 = never; kernel clients idle for hours)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight (a second signal stops waiting)"},
+			&cli.StringFlag{Name: "tcp-congestion", Value: nbd.DefaultLoopbackCongestion, Usage: "TCP congestion control `ALGO` for connections from loopback addresses; \"\" or \"" + nbd.KeepCongestion + "\" keeps the system's default"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
 		}, tlsFlags()...),
 		Action: serveAction,
@@ -251,6 +253,8 @@ func serveAction(c *cli.Context) error {
 		HandshakeTimeout: limits.handshake,
 		IdleTimeout:      limits.idle,
 		Logger:           log,
+		// An explicitly empty flag means the same as "system".
+		LoopbackCongestion: cmp.Or(c.String("tcp-congestion"), nbd.KeepCongestion),
 	}, exports...)
 	if err != nil {
 		closeAll()
