@@ -33,6 +33,12 @@ func TempName(path string) string { return path + ".tmp" }
 // image's geometry, data kept: P.NNNN.orphaned.
 func OrphanedName(segmentName string) string { return segmentName + ".orphaned" }
 
+// UndoName is the n-th undo log of the image at path (n ≥ 1): P.undo.N.
+// A repair that removes or unmaps anything first saves it there, so that
+// `sparsedisk check --undo` restores the image as it was; the highest N
+// is the latest repair.
+func UndoName(path string, n int) string { return fmt.Sprintf("%s.undo.%d", path, n) }
+
 // ConvertingName is the hidden name a convert builds its destination
 // under, in the destination's directory: .NAME.converting.
 func ConvertingName(dst string) string {

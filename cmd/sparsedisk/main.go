@@ -41,7 +41,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err == nil {
 		return 0
 	}
-	fmt.Fprintf(stderr, "sparsedisk: %v\n", err)
+	fmt.Fprintf(stderr, "sparsedisk: %s\n", cleanMsg(err.Error()))
 	if ec, ok := err.(cli.ExitCoder); ok && ec.ExitCode() != 0 {
 		return ec.ExitCode()
 	}
