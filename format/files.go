@@ -137,11 +137,11 @@ func CheckRoom(fsys vfs.FS, path string, n int64, what string) error {
 		return nil
 	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(filepath.Dir(path), &st); err != nil {
-		return nil // cannot tell: let the writes report it
+	if err := unix.Statfs(filepath.Dir(path), &st); err != nil || st.Blocks == 0 {
+		return nil // cannot tell (no blocks: /proc, sysfs): let the writes report it
 	}
 	if avail := int64(st.Bavail) * int64(st.Bsize); avail >= 0 && n > avail {
-		return fmt.Errorf("%s need %s but the file system holding %s has %s free: %w", what, HumanSize(n), path, HumanSize(avail), syscall.ENOSPC)
+		return fmt.Errorf("%s takes %s but the file system holding %s has %s free: %w", what, HumanSize(n), path, HumanSize(avail), syscall.ENOSPC)
 	}
 	return nil
 }
