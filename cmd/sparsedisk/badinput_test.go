@@ -162,7 +162,10 @@ func FuzzCLIArgs(f *testing.F) {
 			_, _, err := splitArgs(c, []string{"layout", "split", "sectorsize", "jobs"}, []string{"overwrite", "progress", "quiet"})
 			return err
 		},
-		"resize": func(c *cli.Context) error { _, _, err := splitArgs(c, nil, []string{"shrink", "force", "quiet"}); return err },
+		"resize": func(c *cli.Context) error {
+			_, _, err := splitArgs(c, nil, []string{"shrink", "force", "quiet"})
+			return err
+		},
 		"shrink": func(c *cli.Context) error {
 			_, _, err := splitArgs(c, []string{"output"}, []string{"dry-run", "quiet"})
 			return err
