@@ -284,6 +284,14 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	}
 	d.desc = desc
 	p := desc.Params
+	if p.Layout == format.LayoutSplit {
+		// A LUT beside a split descriptor: the image is sparse and
+		// serving it as split would return slot order, not the disk.
+		if _, err := d.fs.Stat(format.LUTName(d.path)); err == nil {
+			return fmt.Errorf("%w: %s says layout = split but the LUT %s exists: the image is sparse; run `sparsedisk check %s`",
+				ErrGeometry, d.path, format.LUTName(d.path), d.path)
+		}
+	}
 	nseg := p.Segments()
 	d.segs = make([]*segState, nseg)
 	for i := range d.segs {
