@@ -111,7 +111,7 @@ func checkAction(c *cli.Context) error {
 			return cli.Exit(fmt.Sprintf("undo %s: %v", path, cleanErr(err)), exitCannot)
 		}
 		if !quiet {
-			fmt.Fprintf(w, "%s: reverted the latest repair (%d change(s)) from %s\n", path, u.Changes-1, u.Log)
+			fmt.Fprintf(w, "%s: reverted the latest repair from %s: the descriptor and %d other change(s)\n", path, u.Log, u.Changes-1)
 		}
 		return nil
 	}
