@@ -71,6 +71,10 @@ type Report struct {
 	// Fragments counts places where logically consecutive allocated
 	// sectors do not sit in consecutive slots (0 after shrink).
 	Fragments int64 `json:"fragments"`
+	// Geometry is set when the descriptor disagrees with the files (see
+	// [CrossExamine]); the report then holds that one finding, as nothing
+	// else can be judged under a geometry that cannot be trusted.
+	Geometry *Geometry `json:"geometry,omitempty"`
 }
 
 // Clean tells whether nothing at all was found.
@@ -105,21 +109,36 @@ func (r *Report) firstCorruption() string {
 // the descriptor, and a LUT longer than the disk's sectors. Unlike Open it
 // reports a broken image through the Report where it can (missing
 // segments, bad LUT entries, a truncated LUT, an unparsable descriptor)
-// instead of failing. Of o, only FS, Logger and Progress are used.
+// instead of failing. Of o, only FS, Logger, ForceShare and Progress are
+// used.
 func Check(path string, o *Options) (*Report, error) {
+	fsys := o.fs()
+	if desc, err := format.ReadDescriptor(fsys, path); err == nil {
+		// Cross-examine the descriptor first: under a wrong geometry every
+		// later finding would be misleading, and its repair destructive.
+		g, err := CrossExamine(fsys, path, desc)
+		if err != nil {
+			return nil, fmt.Errorf("check %s: %w", path, err)
+		}
+		if !g.Trusted() {
+			r := &Report{Image: path, Layout: desc.Layout, Geometry: g}
+			for i, msg := range g.Disagreements {
+				r.add(Finding{Kind: Corruption, File: g.Files[i], Segment: -1, Sector: -1, Slot: -1, Count: 1,
+					Message: "the descriptor disagrees with the files: " + msg})
+			}
+			intentFinding(r, path, desc)
+			return r, nil
+		}
+	}
 	r, err := checkFiles(path, o)
 	if err != nil {
 		return nil, err
 	}
-	fsys := o.fs()
 	desc, err := format.ReadDescriptor(fsys, path)
 	if err != nil {
 		return r, nil // raw image, or a descriptor already reported
 	}
-	if desc.Intent != "" {
-		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
-	}
+	intentFinding(r, path, desc)
 	if desc.Layout == format.LayoutSparse {
 		if fi, err := fsys.Stat(format.LUTName(path)); err == nil && fi.Size() > desc.Sectors()*lut.EntrySize {
 			r.add(Finding{Kind: Corruption, File: format.LUTName(path), Segment: -1, Sector: desc.Sectors(), Slot: -1, Count: 1,
@@ -129,13 +148,21 @@ func Check(path string, o *Options) (*Report, error) {
 	return r, nil
 }
 
+// intentFinding reports an unfinished offline operation.
+func intentFinding(r *Report, path string, desc format.Descriptor) {
+	if desc.Intent != "" {
+		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
+	}
+}
+
 // checkFiles is the part of Check that opens the image: the files and
 // every LUT entry, through an open Disk (see [Disk.check]).
 func checkFiles(path string, o *Options) (*Report, error) {
 	oo := Options{ReadOnly: true, NoDirtyCheck: true}
 	var progress func(done, total int64)
 	if o != nil {
-		oo.FS, oo.Logger, progress = o.FS, o.Logger, o.Progress
+		oo.FS, oo.Logger, progress, oo.ForceShare = o.FS, o.Logger, o.Progress, o.ForceShare
 	}
 	fsys := oo.fs()
 	if fi, err := fsys.Stat(path); err == nil {

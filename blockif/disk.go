@@ -30,6 +30,12 @@ type Options struct {
 	// NoDirtyCheck skips the automatic check of an image whose descriptor
 	// says state = dirty (offline repair tools open such images on purpose).
 	NoDirtyCheck bool
+	// ForceShare, with ReadOnly, opens the image without taking its lock,
+	// beside a process that has it open for writing (qemu-img's
+	// --force-share): nothing is written, but what is read may be
+	// inconsistent, as the writer changes the files meanwhile. Check
+	// honours it too.
+	ForceShare bool
 	// Progress, if not nil, is called by Check (only) as
 	// they walk a sparse image: with the bytes of the virtual disk checked
 	// so far and the disk size, ending with done == total.
@@ -227,12 +233,19 @@ func Open(path string, o *Options) (*Disk, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image %s: %w", path, err)
 	}
-	if d.lock, err = format.LockImage(fsys, path, !d.readOnly); err != nil {
-		return nil, err
+	if o != nil && o.ForceShare && !d.readOnly {
+		return nil, fmt.Errorf("%w: ForceShare needs ReadOnly", ErrInvalid)
+	}
+	if o == nil || !o.ForceShare {
+		if d.lock, err = format.LockImage(fsys, path, !d.readOnly); err != nil {
+			return nil, err
+		}
 	}
 	if err := d.open(isDesc, fi.Size(), o); err != nil {
 		d.closeFiles()
-		d.lock.Close()
+		if d.lock != nil {
+			d.lock.Close()
+		}
 		return nil, err
 	}
 	return d, nil
@@ -271,6 +284,14 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	}
 	d.desc = desc
 	p := desc.Params
+	if p.Layout == format.LayoutSplit {
+		// A LUT beside a split descriptor: the image is sparse and
+		// serving it as split would return slot order, not the disk.
+		if _, err := d.fs.Stat(format.LUTName(d.path)); err == nil {
+			return fmt.Errorf("%w: %s says layout = split but the LUT %s exists: the image is sparse; run `sparsedisk check %s`",
+				ErrGeometry, d.path, format.LUTName(d.path), d.path)
+		}
+	}
 	nseg := p.Segments()
 	d.segs = make([]*segState, nseg)
 	for i := range d.segs {

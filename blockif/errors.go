@@ -22,6 +22,9 @@ var (
 	// ErrInvalid: bad parameters (size, split, sectorsize, layout) or a
 	// malformed descriptor. It is [format.ErrInvalid].
 	ErrInvalid = format.ErrInvalid
+	// ErrGeometry: the descriptor disagrees with the image's files (see
+	// [CrossExamine]). It is [format.ErrGeometry].
+	ErrGeometry = format.ErrGeometry
 	// ErrReadOnly: a write, trim or zeroing on a Disk opened read-only.
 	ErrReadOnly = errors.New("sparsedisk/blockif: image opened read-only")
 	// ErrOutOfRange: the request reaches past the end of the disk or starts

@@ -263,15 +263,15 @@ func (d Descriptor) Marshal() []byte {
 // are not open; an open Disk rewrites its own descriptor so that its lock
 // moves to the new file.
 func WriteDescriptor(fsys vfs.FS, path string, d Descriptor) error {
-	_, err := replaceDescriptor(fsys, path, d, false, false)
+	_, err := replaceDescriptor(fsys, path, d.Marshal(), false, false)
 	return err
 }
 
-// replaceDescriptor writes d to a temp file, fsyncs it, and renames it over
+// replaceDescriptor writes data to a temp file, fsyncs it, and renames it over
 // path, fsyncing the directory. With lock, the temp file is locked (in the
 // given mode) before it becomes visible at path, and that lock is returned:
 // no other process can take it in between.
-func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
+func replaceDescriptor(fsys vfs.FS, path string, data []byte, lock, exclusive bool) (vfs.Lock, error) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}
@@ -280,7 +280,6 @@ func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive b
 	if err != nil {
 		return nil, fmt.Errorf("write descriptor: %w", err)
 	}
-	data := d.Marshal()
 	if _, err := f.WriteAt(data, 0); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("write descriptor %s: %w", tmp, err)

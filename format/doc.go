@@ -22,6 +22,7 @@
 //	| P.NNNN.shrink    | shrink: a compacted segment copy ([ShrinkCopyName])       |
 //	| P.shrink-journal | shrink: the committed segment's entries ([WriteJournal])  |
 //	| P.NNNN.orphaned  | repair: a stray segment file moved aside ([OrphanedName]) |
+//	| P.undo.N         | repair: what it removed or changed, for undo ([UndoName]) |
 //	| .P.converting    | convert: the destination being built ([ConvertingName])   |
 //
 // Layouts: sparse (slots appended in allocation order, mapped by P.lut),

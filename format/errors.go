@@ -21,4 +21,8 @@ var (
 	// ErrIntent: the descriptor records an offline operation this version
 	// does not know how to finish, or its journal is unusable.
 	ErrIntent = errors.New("sparsedisk/format: unfinished offline operation")
+	// ErrGeometry: the descriptor disagrees with the image's files (segment
+	// count, LUT length, layout, slot ranges), so its geometry cannot be
+	// trusted; a repair refuses to act on it.
+	ErrGeometry = errors.New("sparsedisk/format: the descriptor disagrees with the files")
 )

@@ -33,6 +33,12 @@ func TempName(path string) string { return path + ".tmp" }
 // image's geometry, data kept: P.NNNN.orphaned.
 func OrphanedName(segmentName string) string { return segmentName + ".orphaned" }
 
+// UndoName is the n-th undo log of the image at path (n ≥ 1): P.undo.N.
+// A repair that removes or unmaps anything first saves it there, so that
+// `sparsedisk check --undo` restores the image as it was; the highest N
+// is the latest repair.
+func UndoName(path string, n int) string { return fmt.Sprintf("%s.undo.%d", path, n) }
+
 // ConvertingName is the hidden name a convert builds its destination
 // under, in the destination's directory: .NAME.converting.
 func ConvertingName(dst string) string {
@@ -131,11 +137,11 @@ func CheckRoom(fsys vfs.FS, path string, n int64, what string) error {
 		return nil
 	}
 	var st unix.Statfs_t
-	if err := unix.Statfs(filepath.Dir(path), &st); err != nil {
-		return nil // cannot tell: let the writes report it
+	if err := unix.Statfs(filepath.Dir(path), &st); err != nil || st.Blocks == 0 {
+		return nil // cannot tell (no blocks: /proc, sysfs): let the writes report it
 	}
 	if avail := int64(st.Bavail) * int64(st.Bsize); avail >= 0 && n > avail {
-		return fmt.Errorf("%s need %s but the file system holding %s has %s free: %w", what, HumanSize(n), path, HumanSize(avail), syscall.ENOSPC)
+		return fmt.Errorf("%s takes %s but the file system holding %s has %s free: %w", what, HumanSize(n), path, HumanSize(avail), syscall.ENOSPC)
 	}
 	return nil
 }

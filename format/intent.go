@@ -87,7 +87,13 @@ func LockImage(fsys vfs.FS, path string, exclusive bool) (*ImageLock, error) {
 // Write durably replaces the descriptor, moving the lock to the new file
 // before it becomes visible.
 func (o *ImageLock) Write(desc Descriptor) error {
-	l, err := replaceDescriptor(o.fs, o.path, desc, true, o.exclusive)
+	return o.WriteRaw(desc.Marshal())
+}
+
+// WriteRaw is Write with the descriptor's text given byte for byte (an
+// undo puts back the very file a repair replaced, comments included).
+func (o *ImageLock) WriteRaw(data []byte) error {
+	l, err := replaceDescriptor(o.fs, o.path, data, true, o.exclusive)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/reqlog"
 )
 
 // fallocate mode bits (linux/falloc.h).
@@ -134,6 +135,10 @@ var (
 	_ fs.NodeStatfser  = (*diskFile)(nil)
 )
 
+// failedRequests rate-limits the log lines of requests the image failed,
+// across every mount of the process.
+var failedRequests reqlog.Limiter
+
 // fail logs an unexpected engine error and returns its errno. Expected
 // refusals (read-only, out of range, bad mode) are not logged.
 func (f *diskFile) fail(op string, off, n int64, err error) syscall.Errno {
@@ -141,7 +146,7 @@ func (f *diskFile) fail(op string, off, n int64, err error) syscall.Errno {
 	switch e {
 	case syscall.EROFS, syscall.EPERM, syscall.EOPNOTSUPP, syscall.EINTR:
 	default:
-		f.log.Error("fuse request failed", "op", op, "offset", off, "length", n, "errno", e.Error(), "err", err)
+		failedRequests.Failed(f.log, f.b, "fuse "+op, off, n, e, err)
 	}
 	return e
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,24 @@ import (
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
+
+// lockedBuffer is a bytes.Buffer safe for the server's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
 
 // faultTmpfs mounts a tmpfs of the given size (mount(8) syntax, "8m") on a
 // fresh directory and unmounts it when the test ends; register everything
@@ -335,7 +354,8 @@ func TestReadEIONBD(t *testing.T) {
 		}
 		return nil
 	})
-	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
+	logs := &lockedBuffer{}
+	_, addr := startServer(t, Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, Export{Name: "disk", Backend: d})
 	c := dial(t, addr)
 	c.connect("disk", connectOpts{})
 	steps := []struct {
@@ -363,6 +383,12 @@ func TestReadEIONBD(t *testing.T) {
 	}
 	if _, ok := failed.Load(int64(0)); !ok {
 		t.Error("the fault was never hit at the failing segment's first slot")
+	}
+	// The failures are logged at the default level, naming the image,
+	// the offset and the errno.
+	if got := logs.String(); !strings.Contains(got, "request failed") || !strings.Contains(got, "image="+path) ||
+		!strings.Contains(got, fmt.Sprintf("offset=%d", mib)) || !strings.Contains(got, "EIO") || !strings.Contains(got, "level=WARN") {
+		t.Errorf("failed reads are not logged at the default level with image, offset and errno:\n%s", got)
 	}
 	// A whole-sector overwrite in the failing segment needs no read; a
 	// partial one must read the sector first and fails with EIO.

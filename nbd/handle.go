@@ -145,7 +145,7 @@ var zeroBuf = make([]byte, 1<<20)
 func (t *transmission) reply(req request, err error) {
 	errno := errnoFor(req.typ, err)
 	if err != nil {
-		t.c.log.Debug("nbd: request failed", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "errno", errno, "err", err)
+		logFailed(t.c.s, t.c.log, t.x, req, errno, err)
 	}
 	if t.sess.structured && errno != 0 {
 		t.send(errorChunk(req.cookie, errno, err), nil)

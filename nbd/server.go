@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/reqlog"
 )
 
 // Export is one named disk offered by a Server. It is plain data, copied
@@ -238,6 +239,8 @@ type Server struct {
 	// badClients limits the log lines of failed handshakes and dropped
 	// connections, which a hostile or broken client can cause at will.
 	badClients logLimiter
+	// failed limits the log lines of requests the images failed.
+	failed reqlog.Limiter
 
 	wg sync.WaitGroup // one per running connection goroutine
 }

@@ -28,6 +28,9 @@ var (
 	// ErrInvalid: bad parameters, or an operation the image's layout does
 	// not allow. It is [format.ErrInvalid], the same as [blockif.ErrInvalid].
 	ErrInvalid = format.ErrInvalid
+	// ErrGeometry: the descriptor disagrees with the image's files; the
+	// repair refused and changed nothing. It is [format.ErrGeometry].
+	ErrGeometry = format.ErrGeometry
 	// ErrExist: the tool would overwrite an existing file. It is
 	// [blockif.ErrExist].
 	ErrExist = blockif.ErrExist

@@ -55,38 +55,39 @@ func TestCheckRepairFaults(t *testing.T) {
 		mode    RepairMode
 		inject  func(t *testing.T, path string)
 		wantMsg string // in some action
+		lossy   bool   // refused without AcceptLoss
 	}
 	faults := []fault{
-		{"leak", blockif.Leak, RepairLeaks, func(t *testing.T, path string) { addLeak(t, nil, path, 1, p.SectorSize) }, "leaked"},
+		{"leak", blockif.Leak, RepairLeaks, func(t *testing.T, path string) { addLeak(t, nil, path, 1, p.SectorSize) }, "leaked", false},
 		{"partial-slot", blockif.Leak, RepairLeaks, func(t *testing.T, path string) {
 			f, _ := os.OpenFile(format.SegmentName(path, 0), os.O_RDWR, 0)
 			fi, _ := f.Stat()
 			f.WriteAt([]byte("torn"), fi.Size())
 			f.Close()
-		}, "partial slot"},
-		{"entry-past-end", blockif.Corruption, RepairAll, func(t *testing.T, path string) { setEntry(t, nil, path, 2, 1000) }, "past the end"},
+		}, "partial slot", false},
+		{"entry-past-end", blockif.Corruption, RepairAll, func(t *testing.T, path string) { setEntry(t, nil, path, 2, 1000) }, "past the end", true},
 		{"shared-slot", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			e := lutEntries(t, path)
 			setEntry(t, nil, path, 3, e[1]) // sector 3 now shares sector 1's slot
-		}, "own copy"},
+		}, "own copy", false},
 		{"lut-truncated", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			os.Truncate(path+lut.Suffix, (p.Sectors()-3)*lut.EntrySize)
-		}, "short of"},
+		}, "short of", true},
 		{"lut-too-long", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			f, _ := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
 			f.WriteAt(bytes.Repeat([]byte{0xFF}, 64), p.Sectors()*lut.EntrySize)
 			f.Close()
-		}, "longer than"},
-		{"segment-missing", blockif.Corruption, RepairAll, func(t *testing.T, path string) { os.Remove(format.SegmentName(path, 1)) }, "missing"},
+		}, "longer than", false},
+		{"segment-missing", blockif.Corruption, RepairAll, func(t *testing.T, path string) { os.Remove(format.SegmentName(path, 1)) }, "missing", true},
 		{"segment-extra", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			os.WriteFile(format.SegmentName(path, p.Segments()), []byte("stray data"), 0o644)
-		}, "moved aside"},
+		}, "moved aside", false},
 		{"intent-pending", blockif.Corruption, RepairAll, func(t *testing.T, path string) {
 			desc, _ := format.ReadDescriptor(nil, path)
 			desc.Intent = format.IntentShrink
 			format.WriteDescriptor(nil, path, desc)
 			os.WriteFile(format.ShrinkCopyName(path, 0), []byte("half a copy"), 0o644)
-		}, "finished"},
+		}, "finished", false},
 	}
 	for _, f := range faults {
 		t.Run(f.name, func(t *testing.T) {
@@ -122,9 +123,29 @@ func TestCheckRepairFaults(t *testing.T) {
 					t.Fatalf("want corruption, got %v", r.Findings)
 				}
 			}
-			rep, err := Repair(path, f.mode, nil)
+			if f.lossy {
+				if _, err := Repair(path, f.mode, nil); !errors.Is(err, ErrGeometry) {
+					t.Fatalf("repair without AcceptLoss: %v, want ErrGeometry", err)
+				}
+				sameDigest(t, "refused repair", before, fileDigest(t, filepath.Dir(path)))
+			}
+			rep, err := RepairWith(path, f.mode, RepairOptions{AcceptLoss: f.lossy}, nil)
 			if err != nil {
 				t.Fatalf("repair: %v", err)
+			}
+			// Undo puts back every byte (intents excepted: finishing
+			// one is what any writable open does); repair again.
+			if f.name != "intent-pending" {
+				if rep.Undo == "" {
+					t.Fatal("repair changed the image but names no undo log")
+				}
+				if _, err := Undo(path, nil); err != nil {
+					t.Fatalf("undo: %v", err)
+				}
+				sameDigest(t, "undo", before, fileDigest(t, filepath.Dir(path)))
+				if rep, err = RepairWith(path, f.mode, RepairOptions{AcceptLoss: f.lossy}, nil); err != nil {
+					t.Fatalf("repair after undo: %v", err)
+				}
 			}
 			var msgs []string
 			lost := map[int64]bool{}
@@ -241,8 +262,8 @@ func TestCheckListsEveryStructuralProblem(t *testing.T) {
 			t.Errorf("no finding names %s; report: %+v", file, r.Findings)
 		}
 	}
-	if r.Corruptions != 4 {
-		t.Errorf("%d corruptions, want 4", r.Corruptions)
+	if r.Corruptions < 4 || r.Geometry == nil || r.Geometry.Trusted() {
+		t.Errorf("%d corruptions, geometry %+v; want at least 4, as the descriptor disagrees with the files", r.Corruptions, r.Geometry)
 	}
 
 	os.WriteFile(path, []byte("this is not a descriptor\n"), 0o644)

@@ -237,7 +237,7 @@ func TestShrinkDryRunReadOnly(t *testing.T) {
 func TestShrinkRefusesCorruptAndOtherLayouts(t *testing.T) {
 	p := format.Params{Layout: format.LayoutSparse, Size: 8 * 4096, Split: 4 * 4096, SectorSize: 4096}
 	path := testImage(t, p, nil, true)
-	t.Cleanup(func() { Repair(path, RepairAll, nil) })
+	t.Cleanup(func() { RepairWith(path, RepairAll, RepairOptions{AcceptLoss: true}, nil) })
 	d := mustOpen(t, path, nil)
 	d.WriteAt(bytes.Repeat([]byte{1}, 4096), 0)
 	d.Close()

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -71,12 +73,17 @@ func convertAction(c *cli.Context) error {
 		return fmt.Errorf("convert takes a source and a destination path, got %q", pos)
 	}
 	src, dst := pos[0], pos[1]
+	if fi, err := os.Stat(dst); err == nil && fi.IsDir() {
+		// Refused before anything is copied, --overwrite or not: an image
+		// never replaces a directory.
+		return fmt.Errorf("convert: destination %s is a directory; give the path of the image to write, like %s", dst, filepath.Join(dst, filepath.Base(src)))
+	}
 	o.Layout = format.Layout(kv["layout"])
 	for _, k := range []string{"split", "sectorsize"} {
 		if v, ok := kv[k]; ok {
-			n, err := format.ParseSize(v)
+			n, err := parseSetting(k, v)
 			if err != nil {
-				return fmt.Errorf("%s=%s: %w", k, v, err)
+				return err
 			}
 			if k == "split" {
 				o.Split = n

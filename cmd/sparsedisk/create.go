@@ -31,6 +31,11 @@ func createAction(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	for _, a := range pos {
+		if unitLike(a) {
+			return fmt.Errorf("create: %q looks like the unit of a size typed apart from its number: write it joined, like size=20%s", a, a)
+		}
+	}
 	if len(pos) > 1 {
 		return fmt.Errorf("create takes one image path, got %q", pos)
 	}

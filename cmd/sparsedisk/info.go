@@ -22,8 +22,11 @@ func init() {
 		Description: "Opens the image read-only (it is left byte-identical) and prints its layout, virtual\n" +
 			"size, sector size, split, segments, allocated data, bytes on disk, fragmentation\n" +
 			"(breaks in the logical order of slots; `shrink` makes it 0) and state.\n\n" +
+			"-U (--force-share) reads an image a server or mount holds open for writing, without\n" +
+			"its lock: a warning says the figures may be inconsistent. A descriptor that disagrees\n" +
+			"with the files (or a LUT pointing outside them) is reported, exit status 2.\n\n" +
 			"Examples:\n   sparsedisk info disk.img\n   sparsedisk info disk.img --output=json | jq .allocated_bytes",
-		Flags:  []cli.Flag{outputFlag()},
+		Flags:  []cli.Flag{outputFlag(), forceShareFlag()},
 		Action: infoAction,
 	})
 }
@@ -59,7 +62,13 @@ func infoAction(c *cli.Context) error {
 		return fmt.Errorf("info takes one image path")
 	}
 	path := c.Args().First()
-	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true})
+	if c.Bool("force-share") {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", forceShareWarning(path))
+	}
+	if err := examineGeometry(path); err != nil {
+		return cli.Exit(fmt.Sprintf("%s: %v", c.Command.Name, err), exitCorruption)
+	}
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true, ForceShare: c.Bool("force-share")})
 	if err != nil {
 		return err
 	}

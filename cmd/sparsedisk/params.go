@@ -68,11 +68,7 @@ func geometryArgs(c *cli.Context) (pos []string, p format.Params, err error) {
 		if !ok {
 			return 0, nil
 		}
-		n, err := format.ParseSize(v)
-		if err != nil {
-			return 0, fmt.Errorf("%s=%s: %w", k, v, err)
-		}
-		return n, nil
+		return parseSetting(k, v)
 	}
 	if p.Size, err = num("size"); err != nil {
 		return nil, p, err
@@ -85,4 +81,35 @@ func geometryArgs(c *cli.Context) (pos []string, p format.Params, err error) {
 	}
 	p.Layout = format.Layout(kv["layout"])
 	return pos, p, nil
+}
+
+// parseSetting parses a size=, split= or sectorsize= value given on the
+// command line. Zero is refused, naming the setting: it would otherwise
+// read as "not given" and silently mean the default.
+func parseSetting(k, v string) (int64, error) {
+	n, err := format.ParseSize(v)
+	if err != nil {
+		return 0, fmt.Errorf("%s=%s: %w", k, v, err)
+	}
+	if n == 0 {
+		switch k {
+		case "size":
+			return 0, fmt.Errorf("size=%s: the disk size must be positive, like size=20G", v)
+		case "split":
+			return 0, fmt.Errorf("split=%s: the segment size must be a positive multiple of the sector size, like split=1G (the default)", v)
+		default:
+			return 0, fmt.Errorf("%s=%s: the sector size must be a power of two from %d to %d, like sectorsize=4096 (the default)", k, v, format.MinSectorSize, format.MaxSectorSize)
+		}
+	}
+	return n, nil
+}
+
+// unitLike tells whether a word is a bare size unit ("G", "MiB"): typed
+// apart from its number (`size=20 G`), it must not become a file name.
+func unitLike(a string) bool {
+	switch strings.ToLower(a) {
+	case "k", "m", "g", "t", "p", "kb", "mb", "gb", "tb", "pb", "kib", "mib", "gib", "tib", "pib", "b":
+		return true
+	}
+	return false
 }

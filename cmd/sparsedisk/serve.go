@@ -64,7 +64,7 @@ func init() {
 			&cli.DurationFlag{Name: "idle-timeout", Usage: "close connections that send no request for this long (0 = never; kernel clients idle for hours)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight (a second signal stops waiting)"},
 			&cli.StringFlag{Name: "tcp-congestion", Value: nbd.DefaultLoopbackCongestion, Usage: "TCP congestion control `ALGO` for connections from loopback addresses; \"\" or \"" + nbd.KeepCongestion + "\" keeps the system's default"},
-			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
+			&cli.BoolFlag{Name: "debug", Usage: "also log refused requests (read-only, out of range) and connection detail; failures of the image (EIO, ENOSPC) are always logged"},
 		}, tlsFlags()...),
 		Action: serveAction,
 	})
