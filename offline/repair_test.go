@@ -172,7 +172,7 @@ func lutEntries(t testing.TB, path string) []uint32 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return format.DecodeEntries(b)
+	return lut.Xhyve.DecodeEntries(b)
 }
 
 func TestRepairSplitAndRaw(t *testing.T) {

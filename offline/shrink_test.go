@@ -262,7 +262,7 @@ func setEntry(t testing.TB, fsys vfs.FS, path string, sec int64, v uint32) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if _, err := f.WriteAt(format.EncodeEntries([]uint32{v}), sec*lut.EntrySize); err != nil {
+	if _, err := f.WriteAt(lut.Xhyve.EncodeEntries([]uint32{v}), sec*lut.EntrySize); err != nil {
 		t.Fatal(err)
 	}
 	f.Sync()
