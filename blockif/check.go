@@ -374,8 +374,8 @@ func (d *Disk) findLeaks(r *Report, s *segState, fileSlots int64, slots []int64)
 		return fmt.Errorf("open segment %d: %w", s.Index(), err)
 	}
 	defer f.Close()
-	buf := make([]byte, 1<<20)
-	per := int64(len(buf)) / ss
+	var buf []byte // allocated once there is something to read
+	per := int64(1<<20) / ss
 	var leakStart, leakCount int64 = -1, 0
 	emit := func() {
 		if leakCount > 0 {
@@ -386,6 +386,9 @@ func (d *Disk) findLeaks(r *Report, s *segState, fileSlots int64, slots []int64)
 	}
 	// scan reads unreferenced slots [a, b) and records the non-zero ones.
 	scan := func(a, b int64) error {
+		if buf == nil {
+			buf = make([]byte, per*ss)
+		}
 		for a < b {
 			c := min(b-a, per)
 			chunk := buf[:c*ss]

@@ -121,6 +121,29 @@ func (d *Disk) ReleaseTables() error {
 	return nil
 }
 
+// ReleaseTablesIn is ReleaseTables for the segments holding [off, off+n)
+// only: a scan that works a segment at a time releases each as it leaves
+// it, at a cost independent of the number of segments.
+func (d *Disk) ReleaseTablesIn(off, n int64) error {
+	if err := d.enter(); err != nil {
+		return err
+	}
+	defer d.leave()
+	if !d.readOnly {
+		return fmt.Errorf("%w: ReleaseTablesIn needs a read-only Disk", ErrInvalid)
+	}
+	if err := d.bounds(off, n); err != nil || n == 0 || d.desc.Split <= 0 {
+		return err
+	}
+	for i := off / d.desc.Split; i <= (off+n-1)/d.desc.Split && i < int64(len(d.segs)); i++ {
+		s := d.segs[i]
+		s.mu.Lock()
+		s.part, s.err = nil, nil
+		s.mu.Unlock()
+	}
+	return nil
+}
+
 // Stats summarises an image.
 type Stats struct {
 	format.Params

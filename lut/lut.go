@@ -52,6 +52,7 @@ import (
 	"math/bits"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
@@ -256,6 +257,17 @@ func WriteEntries(f vfs.File, k Kind, first int64, e []uint32) error {
 // scanChunk is the unit of a scan's reads.
 const scanChunk = 256 << 10
 
+// scanBufs recycles the scans' read buffers: a scan of a huge image runs
+// once per segment, and most find nothing to read.
+var scanBufs = sync.Pool{New: func() any { b := make([]byte, scanChunk); return &b }}
+
+// emptyPages holds a page of unallocated entries for each kind, by fill
+// byte. Read-only.
+var emptyPages = map[byte][]byte{
+	0x00: make([]byte, PageEntries*EntrySize),
+	0xFF: bytes.Repeat([]byte{0xFF}, PageEntries*EntrySize),
+}
+
 // ScanFile calls fn, in order, for every allocated entry among entries
 // [first, first+n) of the LUT file f of kind k, with the entry's index
 // relative to first and its slot; fn returning false stops the scan. It
@@ -266,9 +278,14 @@ const scanChunk = 256 << 10
 // unallocated.
 func ScanFile(f vfs.File, k Kind, first, n int64, fn func(j int64, v uint32) bool) error {
 	const pageBytes = PageEntries * EntrySize
-	empty := bytes.Repeat([]byte{k.unallocatedByte()}, pageBytes)
-	buf := make([]byte, scanChunk)
-	e := make([]uint32, PageEntries)
+	empty := emptyPages[k.unallocatedByte()]
+	var buf []byte // taken from scanBufs only once there is something to read
+	defer func() {
+		if buf != nil {
+			scanBufs.Put(&buf)
+		}
+	}()
+	var e [PageEntries]uint32
 	lo, hi := first*EntrySize, (first+n)*EntrySize
 	for pos := lo; pos < hi; {
 		if k.Or() == Thin {
@@ -283,6 +300,9 @@ func ScanFile(f vfs.File, k Kind, first, n int64, fn func(j int64, v uint32) boo
 				return nil
 			}
 			pos = max(pos, d/EntrySize*EntrySize)
+		}
+		if buf == nil {
+			buf = *scanBufs.Get().(*[]byte)
 		}
 		c := min(hi-pos, int64(len(buf)))
 		got, err := f.ReadAt(buf[:c], pos)

@@ -32,6 +32,9 @@ type ConvertOptions struct {
 	// Split and SectorSize of the destination; 0 takes the source's (or
 	// the defaults for a raw source).
 	Split, SectorSize int64
+	// LUT is a sparse destination's LUT kind; "" takes a sparse source's,
+	// else the default (lut.Xhyve).
+	LUT lut.Kind
 	// Overwrite allows replacing an existing destination.
 	Overwrite bool
 	// Workers is the number of parallel copiers; 0 means GOMAXPROCS.
@@ -160,6 +163,17 @@ func convertParams(in *blockif.Disk, o *ConvertOptions) (format.Params, error) {
 		default:
 			p.SectorSize = format.DefaultSectorSize
 		}
+	}
+	if p.Layout == format.LayoutSparse {
+		p.LUT = o.LUT
+		if p.LUT == "" && sp.Layout == format.LayoutSparse {
+			p.LUT = sp.LUT
+		}
+		if p.LUT == lut.Xhyve {
+			p.LUT = ""
+		}
+	} else if o.LUT != "" {
+		return p, fmt.Errorf("%w: lut=%s: only a sparse destination has a LUT", ErrInvalid, o.LUT)
 	}
 	if p.Layout == format.LayoutRaw {
 		p.Split = 0
