@@ -56,7 +56,7 @@ type Finding struct {
 	Segment int         `json:"segment"`
 	Sector  int64       `json:"sector"`
 	Slot    int64       `json:"slot"`
-	Count   int64       `json:"count"` // slots or sectors concerned, from Slot/Sector on
+	Count   int64       `json:"count"` // slots or sectors concerned, from Slot/Sector on (Advice: excess slots, or fragment breaks)
 	Message string      `json:"message"`
 }
 
@@ -72,7 +72,7 @@ func (f Finding) String() string {
 	if f.Slot >= 0 {
 		fmt.Fprintf(&b, " slot %d", f.Slot)
 	}
-	if f.Count > 1 {
+	if f.Count > 1 && f.Kind != Advice {
 		fmt.Fprintf(&b, " (+%d more)", f.Count-1)
 	}
 	fmt.Fprintf(&b, ": %s", f.Message)
@@ -356,7 +356,7 @@ func (d *Disk) bloatFinding(r *Report, s *segState, size, live, highest int64) {
 	if used > slotNumbersWarn {
 		msg += fmt.Sprintf("; it has used %.0f%% of the %d slot numbers a LUT entry holds, and writes to it fail once they run out", 100*used, maxSlot+1)
 	}
-	r.add(Finding{Kind: Advice, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: live, Count: apparent - live,
+	r.add(Finding{Kind: Advice, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: -1, Count: apparent - live,
 		Message: msg + fmt.Sprintf("; `sparsedisk shrink %s` compacts it", d.path)})
 }
 

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // vmInit is the guest's /init: load the virtio and ext4 modules, mount the
@@ -157,7 +158,7 @@ func TestVMOnExport(t *testing.T) {
 	f.Truncate(size)
 	f.Close()
 	run(t, mkfs, "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", raw)
-	d := newImage(t, size, 4*mib, 4096, false)
+	d := newImage(t, size, 4*mib, 4096, false, lut.Xhyve)
 	// Once the server has stopped (its cleanup runs before this one), the
 	// image must check without a single finding: no corruption and no
 	// leaked slot from the guest's trims.
