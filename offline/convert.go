@@ -288,6 +288,13 @@ func copyRange(in, out *blockif.Disk, holes *holeFinder, ss int64, buf []byte, o
 		} else {
 			exts = []blockif.Extent{{Offset: pos, Length: c, Allocated: true}}
 		}
+		if len(exts) == 1 && !exts[0].Allocated {
+			// Nothing to read or write: a huge, mostly empty source is
+			// walked at the cost of its extents, not of its size.
+			progress(c, 0)
+			pos += c
+			continue
+		}
 		for _, e := range exts {
 			b := chunk[e.Offset-pos : e.Offset-pos+e.Length]
 			if !e.Allocated {
