@@ -92,7 +92,7 @@ func TestFormatDoc(t *testing.T) {
 			t.Errorf("FORMAT.md documents descriptor key %q, which the parser does not know: %v", key, err)
 		}
 	}
-	for _, key := range []string{"lut", "backing"} {
+	for _, key := range []string{"backing"} {
 		_, err := format.ParseDescriptor(append(append([]byte{}, base...), key+" = x\n"...), "FORMAT.md")
 		if err == nil || !strings.Contains(err.Error(), "unknown key") {
 			t.Errorf("descriptor with planned key %q: %v, want an unknown-key refusal", key, err)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -36,7 +37,9 @@ func TestCrash(t *testing.T) {
 	rounds := crashRounds()
 	geoms := []format.Params{
 		{Layout: format.LayoutSparse, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
+		{Layout: format.LayoutSparse, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096, LUT: lut.Thin},
 		{Layout: format.LayoutSparse, Size: 40 * 512, Split: 8 * 512, SectorSize: 512},
+		{Layout: format.LayoutSparse, Size: 40 * 512, Split: 8 * 512, SectorSize: 512, LUT: lut.Thin},
 		{Layout: format.LayoutSplit, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
 	}
 	var crashes, leaks int

@@ -95,11 +95,18 @@ type segState struct {
 	*segment.File
 	sectors int64 // sectors of the disk in this segment
 
-	// mu protects part (the pointer and its entries). It is held across the
-	// one-time LUT load of the segment, on purpose: every user needs it.
+	// mu protects part (the pointer and its entries), err, probed and
+	// empty. It is held across the one-time LUT load of the segment, on
+	// purpose: every user needs it.
 	mu   sync.RWMutex
 	part *lut.Part // sparse: nil until loaded
 	err  error     // sparse: load error, reported on every access
+	// probed and empty summarise the on-disk LUT of a segment whose part
+	// is not loaded: once probed, empty tells whether it has no allocated
+	// entry, so Extents answers "hole" without loading the part. Only
+	// meaningful while part is nil: nothing changes the LUT of a segment
+	// without loading its part first.
+	probed, empty bool
 }
 
 // Create makes a new, empty image. It refuses to overwrite anything: the
@@ -118,6 +125,9 @@ func Create(path string, p format.Params, o *Options) error {
 	}
 	if p.Split == 0 && p.Layout != format.LayoutRaw {
 		p.Split = min(format.DefaultSplit, p.Size)
+	}
+	if p.LUT == lut.Xhyve {
+		p.LUT = "" // the default: the descriptor names no kind
 	}
 	if err := p.Validate(); err != nil {
 		return err
@@ -156,7 +166,7 @@ func Create(path string, p format.Params, o *Options) error {
 			return err
 		}
 	}
-	if p.Layout == format.LayoutSparse {
+	if p.Layout == format.LayoutSparse && p.LUTKind() == lut.Xhyve { // a thin LUT starts as a hole
 		if err := format.CheckRoom(fsys, path, p.Sectors()*lut.EntrySize, "the LUT"); err != nil {
 			return err
 		}
@@ -198,7 +208,7 @@ func Create(path string, p format.Params, o *Options) error {
 		}
 	}
 	if p.Layout == format.LayoutSparse {
-		if err := lut.Create(fsys, path+lut.Suffix, p.Sectors()); err != nil {
+		if err := lut.Create(fsys, path+lut.Suffix, p.Sectors(), p.LUTKind()); err != nil {
 			return err
 		}
 	}
@@ -314,7 +324,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 		}
 	}
 	if p.Layout == format.LayoutSparse {
-		d.lut, err = lut.Open(d.fs, d.path+lut.Suffix, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, d.readOnly)
+		d.lut, err = lut.Open(d.fs, d.path+lut.Suffix, p.LUTKind(), p.Sectors(), p.Sectors(), p.Split/p.SectorSize, d.readOnly)
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("%w: LUT %s is missing: %w", ErrCorrupt, d.path+lut.Suffix, err)
@@ -329,7 +339,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 		return fmt.Errorf("%w: %s has an unfinished offline operation (%s); run `sparsedisk check -r all %s` or repeat the operation", ErrInvalid, d.path, desc.Intent, d.path)
 	}
 	if desc.State == format.StateDirty && !(o != nil && o.NoDirtyCheck) {
-		rep, err := d.check(nil, nil)
+		rep, err := d.check(nil)
 		if err != nil {
 			return fmt.Errorf("check of dirty image %s: %w", d.path, err)
 		}

@@ -50,7 +50,18 @@
 //
 // The LUT is loaded one segment at a time, on first access, so opening a
 // 1 TiB image reads a few hundred bytes and touching one sector loads
-// split/sectorsize entries.
+// split/sectorsize entries. What only needs to know where data is costs
+// what the data costs, not the disk's or the files' apparent size:
+// Extents answers a segment whose part is not loaded from a summary
+// probed once from the LUT (a seek over a thin LUT's holes, a comparison
+// pass over an xhyve LUT's 0xFF pages) without loading it; Check and
+// Stats keep only the allocated entries of one segment at a time, scanned
+// the same way, and look for leaked slots only inside the segment files'
+// data regions (SEEK_DATA/SEEK_HOLE), reading only unreferenced slots
+// there. Check also gives Advice findings (a segment file's apparent size
+// far beyond its live data, or slot numbers running out; heavy
+// fragmentation), which name `sparsedisk shrink` and leave the image
+// clean.
 //
 // All I/O goes through vfs.FS, so tests run the engine on vfs.MemFS, which
 // keeps only synced data when it simulates a crash.

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -20,6 +21,8 @@ var feGeoms = []format.Params{
 	{Layout: format.LayoutSparse, Size: 13 * 512, Split: 4 * 512, SectorSize: 512},
 	{Layout: format.LayoutSparse, Size: 8 * 1024, Split: 3 * 1024, SectorSize: 1024},
 	{Layout: format.LayoutSplit, Size: 10 * 512, Split: 4 * 512, SectorSize: 512},
+	{Layout: format.LayoutSparse, Size: 13 * 512, Split: 4 * 512, SectorSize: 512, LUT: lut.Thin},
+	{Layout: format.LayoutSparse, Size: 8 * 1024, Split: 3 * 1024, SectorSize: 1024, LUT: lut.Thin},
 }
 
 // feOpSize is the encoded size of one operation: kind, offset (2 bytes),

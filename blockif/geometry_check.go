@@ -284,31 +284,35 @@ func (f *imageFiles) explain(q format.Params, intent string, maxShared int64) ve
 		if n <= 0 {
 			continue
 		}
-		e, err := f.read(first, n)
-		if err != nil {
-			add(true, f.lutF.Name(), "the LUT cannot be read: %v", err)
-			return v
-		}
 		owner := make(map[uint32]struct{}, 64)
-		for j, x := range e {
-			if x == lut.Unallocated {
-				continue
-			}
+		stop := false
+		// ScanFile visits allocated entries only, skipping a thin LUT's
+		// holes and an xhyve LUT's empty pages: the cost follows the data.
+		err := lut.ScanFile(f.lutF, q.LUTKind(), first, n, func(j int64, x uint32) bool {
 			if int64(x) >= slots {
 				if past == 0 {
 					pastFile = format.SegmentName(f.path, i)
-					firstPast = fmt.Sprintf("sector %d → slot %d of %s (%d slots)", first+int64(j), x, format.SegmentName(f.path, i), slots)
+					firstPast = fmt.Sprintf("sector %d → slot %d of %s (%d slots)", first+j, x, format.SegmentName(f.path, i), slots)
 				}
 				past++
-				continue
+				return true
 			}
 			if _, dup := owner[x]; dup {
 				v.shared++
 				if v.shared > maxShared {
-					return v
+					stop = true
+					return false
 				}
 			}
 			owner[x] = struct{}{}
+			return true
+		})
+		if err != nil {
+			add(true, f.lutF.Name(), "the LUT cannot be read: %v", err)
+			return v
+		}
+		if stop {
+			return v
 		}
 	}
 	switch {
@@ -320,19 +324,6 @@ func (f *imageFiles) explain(q format.Params, intent string, maxShared int64) ve
 	return v
 }
 
-// read returns n LUT entries from entry first on.
-func (f *imageFiles) read(first, n int64) ([]uint32, error) {
-	buf := make([]byte, n*lut.EntrySize)
-	got, err := f.lutF.ReadAt(buf, first*lut.EntrySize)
-	if got < len(buf) {
-		if err == nil {
-			err = fmt.Errorf("short read")
-		}
-		return nil, fmt.Errorf("read LUT at offset %d: %w", first*lut.EntrySize, err)
-	}
-	return format.DecodeEntries(buf), nil
-}
-
 // unallocated tells whether LUT entries [from, to) are all unallocated
 // (entries past the file's end count as unallocated).
 func (f *imageFiles) unallocated(q format.Params, from, to int64) bool {
@@ -340,20 +331,15 @@ func (f *imageFiles) unallocated(q format.Params, from, to int64) bool {
 		return false
 	}
 	to = min(to, f.lut.Size()/lut.EntrySize)
-	for from < to {
-		n := min(to-from, 1<<18)
-		e, err := f.read(from, n)
-		if err != nil {
-			return false
-		}
-		for _, x := range e {
-			if x != lut.Unallocated {
-				return false
-			}
-		}
-		from += n
+	if from >= to {
+		return true
 	}
-	return true
+	any := false
+	err := lut.ScanFile(f.lutF, q.LUTKind(), from, to-from, func(int64, uint32) bool {
+		any = true
+		return false
+	})
+	return err == nil && !any
 }
 
 // CrossExamine compares the descriptor desc of the image at path with its

@@ -19,6 +19,11 @@ func (d *Disk) OnDiskBytes() (int64, error) {
 		return 0, err
 	}
 	defer d.leave()
+	return d.onDiskBytes()
+}
+
+// onDiskBytes is OnDiskBytes without entering.
+func (d *Disk) onDiskBytes() (int64, error) {
 	var total int64
 	for _, s := range d.segs {
 		a, err := d.allocatedFile(s.Path(), s.Allocated)

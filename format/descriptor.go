@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -50,7 +51,14 @@ type Params struct {
 	Size       int64  `json:"size"`        // virtual disk size in bytes
 	Split      int64  `json:"split"`       // bytes per segment (sparse, split)
 	SectorSize int64  `json:"sector_size"` // bytes per sector (LUT granularity)
+	// LUT is the encoding of a sparse image's LUT entries; "" is
+	// lut.Xhyve (the descriptor has no `lut` key). Other layouts have
+	// none.
+	LUT lut.Kind `json:"lut,omitempty"`
 }
+
+// LUTKind is the image's LUT encoding: p.LUT, or lut.Xhyve if unset.
+func (p Params) LUTKind() lut.Kind { return p.LUT.Or() }
 
 // Segments is the number of segment files the geometry needs.
 func (p Params) Segments() int {
@@ -80,6 +88,12 @@ func (p Params) Validate() error {
 	}
 	if p.Size <= 0 {
 		return fmt.Errorf("%w: size %d must be positive", ErrInvalid, p.Size)
+	}
+	if p.Layout != LayoutSparse && p.LUT != "" {
+		return fmt.Errorf("%w: lut=%s: only the sparse layout has a LUT", ErrInvalid, p.LUT)
+	}
+	if _, err := lut.ParseKind(string(p.LUT)); err != nil {
+		return err
 	}
 	if p.Layout == LayoutRaw {
 		return nil
@@ -153,6 +167,7 @@ func HumanSize(n int64) string {
 //	| size       | bytes (k/m/g/t/p suffixes accepted)    | yes      |
 //	| split      | bytes per segment                      | yes      |
 //	| sectorsize | bytes per sector                       | yes      |
+//	| lut        | xhyve or thin (sparse; absent = xhyve) | no       |
 //	| state      | clean or dirty (open for writing)      | no       |
 //	| intent     | an offline tool's unfinished operation | no       |
 type Descriptor struct {
@@ -207,6 +222,19 @@ func ParseDescriptor(data []byte, name string) (Descriptor, error) {
 			d.Split, err = ParseSize(val)
 		case "sectorsize":
 			d.SectorSize, err = ParseSize(val)
+		case "lut":
+			k, kerr := lut.ParseKind(val)
+			if val == "" {
+				kerr = fmt.Errorf("%w: lut key with no value (this version knows xhyve, thin)", lut.ErrUnknownKind)
+			}
+			if kerr != nil {
+				// Not ErrInvalid: the image is not corrupt, this version
+				// cannot read it (a newer one wrote it).
+				return d, fmt.Errorf("descriptor %s line %d: %w", name, line, kerr)
+			}
+			if k != lut.Xhyve {
+				d.LUT = k // the default is kept as "", as when absent
+			}
 		case "state":
 			if val != StateClean && val != StateDirty {
 				return d, bad("state %q (want clean or dirty)", val)
@@ -247,6 +275,13 @@ func (d Descriptor) Marshal() []byte {
 	fmt.Fprintf(&b, "%-26s # %s\n", fmt.Sprintf("size = %d", d.Size), humanize.IBytes(uint64(d.Size)))
 	fmt.Fprintf(&b, "%-26s # %s\n", fmt.Sprintf("split = %d", d.Split), humanize.IBytes(uint64(d.Split)))
 	fmt.Fprintf(&b, "sectorsize = %d\n", d.SectorSize)
+	if d.LUT != "" && d.LUT != lut.Xhyve {
+		// Only a non-default kind is written: an xhyve image's descriptor
+		// stays byte-identical to what earlier versions wrote (and they
+		// can still open it, while they refuse a `lut` key they do not
+		// know: right for a thin LUT they would misread).
+		fmt.Fprintf(&b, "lut = %s\n", d.LUT)
+	}
 	state := d.State
 	if state == "" {
 		state = StateClean

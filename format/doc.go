@@ -17,13 +17,39 @@
 //	|------------------|-----------------------------------------------------------|
 //	| P                | descriptor: `key = value` text (see [Descriptor])         |
 //	| P.0000, …        | segments ([SegmentName]): slots, or verbatim bytes        |
-//	| P.lut            | sparse only: uint32 LE per sector (package lut)           |
+//	| P.lut            | sparse only: uint32 LE per sector (see LUT below)         |
 //	| P.tmp            | a descriptor being rewritten ([TempName])                 |
 //	| P.NNNN.shrink    | shrink: a compacted segment copy ([ShrinkCopyName])       |
 //	| P.shrink-journal | shrink: the committed segment's entries ([WriteJournal])  |
 //	| P.NNNN.orphaned  | repair: a stray segment file moved aside ([OrphanedName]) |
 //	| P.undo.N         | repair: what it removed or changed, for undo ([UndoName]) |
 //	| .P.converting    | convert: the destination being built ([ConvertingName])   |
+//
+// LUT (P.lut): entry n describes sector n of the disk (segment n / (split
+// / sectorsize)); its encoding, the LUT kind, is named by the
+// descriptor's `lut` key (until FORMAT.md describes it, this is the
+// reference):
+//
+//	| kind            | unallocated | slot v     | never-written LUT pages    |
+//	|-----------------|-------------|------------|----------------------------|
+//	| xhyve (default) | 0xFFFFFFFF  | v          | hold 0xFF bytes (written)  |
+//	| thin            | 0x00000000  | v + 1      | are holes (ftruncate only) |
+//
+// Both address slots 0 … 0xFFFFFFFE. An xhyve-kind image's descriptor has
+// no `lut` key (`lut = xhyve` is accepted and means the same), so images
+// made before thin LUTs existed, and images made since with the default,
+// are byte-identical to what earlier versions wrote and still open there;
+// a thin image's descriptor says `lut = thin`, which earlier versions
+// refuse as an unknown key (they would misread the LUT). A `lut` value
+// this version does not know is refused (lut.ErrUnknownKind) naming it
+// and the kinds known. Creating a thin LUT, or growing one (resize), is an
+// ftruncate: a 16 TiB image's 16 GiB LUT takes no space until written.
+// Shrinking one truncates it like an xhyve LUT. The shrink journal stores
+// entries kind-independently, as the slot or 0xFFFFFFFF (the xhyve
+// encoding), and RedoSegment encodes them for the image's kind; a journal
+// written before thin LUTs existed is therefore still valid. In memory
+// every API (lut.Part.Entries, ReadEntries, the journal) uses that same
+// kind-independent form; only lut.Kind's Encode/Decode know the bytes.
 //
 // Layouts: sparse (slots appended in allocation order, mapped by P.lut),
 // split (segment i holds disk bytes [i*split, (i+1)*split) verbatim), raw

@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // FuzzParseDescriptor: the parser never panics, and what it accepts
@@ -14,6 +16,8 @@ func FuzzParseDescriptor(f *testing.F) {
 	f.Add([]byte("format=sparsedisk/1\nlayout=split\nsize=20G\nsplit=1g\nsectorsize=512\n"))
 	f.Add([]byte("format = sparsedisk/1\nlayout = sparse\nsize = 1\n"))
 	f.Add([]byte("\x00\xff = =\n#"))
+	f.Add([]byte("format=sparsedisk/1\nlayout=sparse\nsize=1t\nsplit=1g\nsectorsize=4096\nlut = thin\n"))
+	f.Add([]byte("format=sparsedisk/1\nlayout=sparse\nsize=1t\nsplit=1g\nsectorsize=4096\nlut = dense\n"))
 	// testdata/descriptor.sample is what `sparsedisk create disk.img
 	// size=20G split=1G` writes, byte for byte.
 	data, err := os.ReadFile(filepath.Join("..", "testdata", "descriptor.sample"))
@@ -24,7 +28,7 @@ func FuzzParseDescriptor(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		d, err := ParseDescriptor(data, "fuzz")
 		if err != nil {
-			if !errors.Is(err, ErrInvalid) {
+			if !errors.Is(err, ErrInvalid) && !errors.Is(err, lut.ErrUnknownKind) {
 				t.Fatalf("error outside ErrInvalid: %v", err)
 			}
 			return

@@ -42,7 +42,7 @@ func TrimToGeometry(fsys vfs.FS, path string, p Params) error {
 				if err != nil {
 					return err
 				}
-				if err := punchSlots(fsys, lastName, ss, buf, live); err != nil {
+				if err := punchSlots(fsys, lastName, ss, p.LUTKind().DecodeEntries(buf), live); err != nil {
 					return err
 				}
 			}
@@ -79,11 +79,11 @@ func TrimToGeometry(fsys vfs.FS, path string, p Params) error {
 	return nil
 }
 
-// punchSlots punches the slots named by the encoded LUT entries raw in the
-// segment file name, except slots that a live entry references: the tail
+// punchSlots punches the slots named by the (decoded) LUT entries tail in
+// the segment file name, except slots that a live entry references: the tail
 // of a LUT left by a crashed grow can hold garbage (zeros), and punching
 // a slot nothing live references is always safe.
-func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte, live []uint32) error {
+func punchSlots(fsys vfs.FS, name string, ss int64, tail []uint32, live []uint32) error {
 	keep := make(map[uint32]bool, len(live))
 	for _, v := range live {
 		keep[v] = true
@@ -101,7 +101,7 @@ func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte, live []uint32) e
 		return err
 	}
 	punched := false
-	for _, v := range DecodeEntries(raw) {
+	for _, v := range tail {
 		if v != lut.Unallocated && !keep[v] && int64(v) < size/ss {
 			keep[v] = true
 			if err := f.PunchHole(int64(v)*ss, ss); err != nil {

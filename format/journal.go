@@ -22,7 +22,13 @@ import (
 // Journal format (little-endian): magic "SDSHRNK1" (8 bytes), segment index
 // (uint32), entry count n (uint32), n entries (uint32 each), CRC-32 (IEEE)
 // of everything before it (uint32). A journal that is short or fails its
-// CRC was never committed and is ignored. FORMAT.md (section 8.2) has the byte table and the recovery rules.
+// CRC was never committed and is ignored. The entries are stored in the
+// kind-independent form every API uses in memory (the slot number, or
+// 0xFFFFFFFF for unallocated: the xhyve encoding), whatever the image's
+// LUT kind; RedoSegment encodes them for the LUT. So a journal means the
+// same for both kinds and a journal written before thin LUTs existed
+// stays valid.
+// FORMAT.md (section 8.2) has the byte table and the recovery rules.
 const journalMagic = "SDSHRNK1"
 
 // WriteJournal durably writes the journal for segment i (the file and its
@@ -33,7 +39,7 @@ func WriteJournal(fsys vfs.FS, path string, i int, e []uint32) error {
 	buf = append(buf, journalMagic...)
 	buf = binary.LittleEndian.AppendUint32(buf, uint32(i))
 	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(e)))
-	buf = append(buf, EncodeEntries(e)...)
+	buf = append(buf, lut.Xhyve.EncodeEntries(e)...)
 	buf = binary.LittleEndian.AppendUint32(buf, crc32.ChecksumIEEE(buf))
 	f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
@@ -79,11 +85,7 @@ func readJournal(fsys vfs.FS, path string, p Params) (seg int, e []uint32, ok bo
 	if seg >= p.Segments() || n != min(perSeg, p.Sectors()-int64(seg)*perSeg) {
 		return 0, nil, false, fmt.Errorf("%w: shrink journal %s names segment %d with %d entries, which does not fit the image", ErrIntent, JournalName(path), seg, n)
 	}
-	e = make([]uint32, n)
-	for j := range e {
-		e[j] = binary.LittleEndian.Uint32(data[16+j*lut.EntrySize:])
-	}
-	return seg, e, true, nil
+	return seg, lut.Xhyve.DecodeEntries(data[16 : len(data)-4]), true, nil
 }
 
 // readAll reads a whole file.
@@ -121,9 +123,9 @@ func RedoSegment(fsys vfs.FS, path string, lutFile vfs.File, p Params, i int, e 
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return err
 	}
-	off := int64(i) * (p.Split / p.SectorSize) * lut.EntrySize
-	if _, err := lutFile.WriteAt(EncodeEntries(e), off); err != nil {
-		return fmt.Errorf("write LUT of segment %d at offset %d: %w", i, off, err)
+	first, _ := SegmentEntries(p, i)
+	if err := WriteEntries(lutFile, p, first, e); err != nil {
+		return fmt.Errorf("LUT of segment %d: %w", i, err)
 	}
 	if err := lutFile.Sync(); err != nil {
 		return fmt.Errorf("sync LUT: %w", err)

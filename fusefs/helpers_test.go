@@ -11,6 +11,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
 
@@ -115,12 +116,12 @@ func unmountT(t testing.TB, m *Mount) {
 	}
 }
 
-// newImage creates a sparse image and, at the end of the test, checks it
+// newImage creates a sparse image (LUT kind kind) and, at the end of the test, checks it
 // for corruption (after every Close registered later has run).
-func newImage(t testing.TB, size, split, sector int64) string {
+func newImage(t testing.TB, size, split, sector int64, kind lut.Kind) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	p := format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector}
+	p := format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector, LUT: kind}
 	if err := blockif.Create(path, p, nil); err != nil {
 		t.Fatalf("create: %v", err)
 	}
@@ -221,4 +222,13 @@ func allocatedRuns(t testing.TB, b blockif.Device) []blockif.Extent {
 		}
 	}
 	return runs
+}
+
+// forEachKind runs fn as one subtest per LUT kind (xhyve, thin), for the
+// tests that serve images of both kinds.
+func forEachKind(t *testing.T, fn func(t *testing.T, kind lut.Kind)) {
+	t.Helper()
+	for _, k := range lut.Kinds {
+		t.Run("lut="+string(k), func(t *testing.T) { fn(t, k) })
+	}
 }

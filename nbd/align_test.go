@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // libnbdAlignScript drives the export with byte-granular requests of every
@@ -100,7 +102,7 @@ func TestAnyAlignmentClients(t *testing.T) {
 	}
 	for _, sector := range []int64{512, 4096} {
 		t.Run(fmt.Sprintf("sector%d", sector), func(t *testing.T) {
-			d := newImage(t, 64*mib, 16*mib, sector, false)
+			d := newImage(t, 64*mib, 16*mib, sector, false, lut.Xhyve)
 			_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
 			u := uri(addr, "disk")
 
@@ -233,7 +235,7 @@ func TestConcurrentUnalignedWriters(t *testing.T) {
 			seed := rand.Int64N(1 << 30)
 			t.Logf("seed %d", seed)
 			const size = 256 << 10
-			d := newImage(t, size, 64<<10, sector, false)
+			d := newImage(t, size, 64<<10, sector, false, lut.Thin)
 			_, addr := startServer(t, Config{}, Export{Name: "d", Backend: d})
 			const writers, perWriter = 6, 150
 			ws := make([]idWrite, writers*perWriter)
@@ -411,7 +413,7 @@ func TestCheckSerialDetects(t *testing.T) {
 func TestPartialTrimFreesWholeSectors(t *testing.T) {
 	for _, typ := range []uint16{cmdTrim, cmdWriteZeroes} {
 		const ss = 4096
-		d := newImage(t, 1*mib, 256<<10, ss, false)
+		d := newImage(t, 1*mib, 256<<10, ss, false, lut.Thin)
 		_, addr := startServer(t, Config{}, Export{Name: "d", Backend: d})
 		c := dial(t, addr)
 		c.connect("d", connectOpts{})

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/internal/vmtest"
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // vmInit is the guest's /init: load the virtio and ext4 modules, mount the
@@ -85,7 +86,7 @@ func TestVMOnExport(t *testing.T) {
 	f.Truncate(size)
 	f.Close()
 	run(t, mkfs, "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", raw)
-	d := newImage(t, size, 4*mib, 4096, false)
+	d := newImage(t, size, 4*mib, 4096, false, lut.Xhyve)
 	// Once the server has stopped (its cleanup runs before this one), the
 	// image must check without a single finding: no corruption and no
 	// leaked slot from the guest's trims.
@@ -98,7 +99,9 @@ func TestVMOnExport(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, f := range r.Findings {
-			t.Errorf("check: %s", f)
+			if f.Kind != blockif.Advice {
+				t.Errorf("check: %s", f)
+			}
 		}
 	})
 	copyIn(t, raw, d)

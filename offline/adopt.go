@@ -23,6 +23,9 @@ func Adopt(path string, p format.Params, o *blockif.Options) error {
 	if p.Layout == format.LayoutRaw {
 		return fmt.Errorf("%w: a raw image needs no adoption", ErrInvalid)
 	}
+	if p.LUTKind() != lut.Xhyve {
+		return fmt.Errorf("%w: xhyve images have an xhyve LUT; adopt it as it is, then `sparsedisk convert` it to lut=%s", ErrInvalid, p.LUT)
+	}
 	if err := p.Validate(); err != nil {
 		// xhyve took sizes that are not whole sectors and kept
 		// floor(size/sectorsize) entries: name the size the LUT holds.
@@ -64,7 +67,7 @@ func Adopt(path string, p format.Params, o *blockif.Options) error {
 			return fmt.Errorf("%w: LUT %s is %d bytes (%d entries), but size %d / sectorsize %d needs %d entries (%d bytes): check size= and sectorsize=",
 				ErrInvalid, name, fi.Size(), fi.Size()/lut.EntrySize, p.Size, p.SectorSize, p.Sectors(), want)
 		}
-		t, err := lut.Open(fsys, name, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, true)
+		t, err := lut.Open(fsys, name, lut.Xhyve, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, true)
 		if err != nil {
 			return err
 		}

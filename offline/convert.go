@@ -32,6 +32,9 @@ type ConvertOptions struct {
 	// Split and SectorSize of the destination; 0 takes the source's (or
 	// the defaults for a raw source).
 	Split, SectorSize int64
+	// LUT is a sparse destination's LUT kind; "" takes a sparse source's,
+	// else the default (lut.Xhyve).
+	LUT lut.Kind
 	// Overwrite allows replacing an existing destination.
 	Overwrite bool
 	// Workers is the number of parallel copiers; 0 means GOMAXPROCS.
@@ -161,6 +164,17 @@ func convertParams(in *blockif.Disk, o *ConvertOptions) (format.Params, error) {
 			p.SectorSize = format.DefaultSectorSize
 		}
 	}
+	if p.Layout == format.LayoutSparse {
+		p.LUT = o.LUT
+		if p.LUT == "" && sp.Layout == format.LayoutSparse {
+			p.LUT = sp.LUT
+		}
+		if p.LUT == lut.Xhyve {
+			p.LUT = ""
+		}
+	} else if o.LUT != "" {
+		return p, fmt.Errorf("%w: lut=%s: only a sparse destination has a LUT", ErrInvalid, o.LUT)
+	}
 	if p.Layout == format.LayoutRaw {
 		p.Split = 0
 	} else if p.Split == 0 {
@@ -273,6 +287,13 @@ func copyRange(in, out *blockif.Disk, holes *holeFinder, ss int64, buf []byte, o
 			exts = holes.extents(pos, c)
 		} else {
 			exts = []blockif.Extent{{Offset: pos, Length: c, Allocated: true}}
+		}
+		if len(exts) == 1 && !exts[0].Allocated {
+			// Nothing to read or write: a huge, mostly empty source is
+			// walked at the cost of its extents, not of its size.
+			progress(c, 0)
+			pos += c
+			continue
 		}
 		for _, e := range exts {
 			b := chunk[e.Offset-pos : e.Offset-pos+e.Length]

@@ -331,7 +331,7 @@ func (rp *repairer) files() error {
 			if err := rp.undo.created(name); err != nil {
 				return err
 			}
-			if err := lut.Create(fsys, name, p.Sectors()); err != nil {
+			if err := lut.Create(fsys, name, p.Sectors(), p.LUTKind()); err != nil {
 				return err
 			}
 			changedDir, rp.lutCreated = true, true
@@ -345,9 +345,19 @@ func (rp *repairer) files() error {
 				return err
 			}
 			from := fi.Size() / lut.EntrySize * lut.EntrySize
-			err = rp.undo.saveSize(f, name, want)
+			err = nil
+			if from < fi.Size() {
+				// A partial entry at the end: a thin LUT is only extended
+				// by truncation when it ends on an entry boundary.
+				if err = rp.undo.saveSize(f, name, from); err == nil {
+					err = f.Truncate(from)
+				}
+			}
 			if err == nil {
-				err = fillFF(f, from, want, nil)
+				err = rp.undo.saveSize(f, name, want)
+			}
+			if err == nil {
+				err = lut.Extend(f, p.LUTKind(), from/lut.EntrySize, p.Sectors(), nil)
 			}
 			if err == nil {
 				err = f.Sync()
@@ -526,14 +536,12 @@ func (rp *repairer) segment(lutFile vfs.File, i int) error {
 		if err := rp.undo.saveBytes(lutFile, lutFile.Name(), first*lut.EntrySize, int64(len(e))*lut.EntrySize); err != nil {
 			return err
 		}
-		raw := format.EncodeEntries(e)
 		for j := 0; j < len(e); j++ {
 			if !changed[j] {
 				continue
 			}
-			off := (first + int64(j)) * lut.EntrySize
-			if _, err := lutFile.WriteAt(raw[j*lut.EntrySize:(j+1)*lut.EntrySize], off); err != nil {
-				return fmt.Errorf("write LUT entry of sector %d at offset %d: %w", first+int64(j), off, err)
+			if err := format.WriteEntries(lutFile, rp.p, first+int64(j), e[j:j+1]); err != nil {
+				return fmt.Errorf("entry of sector %d: %w", first+int64(j), err)
 			}
 		}
 		if err := lutFile.Sync(); err != nil {

@@ -169,7 +169,7 @@ func grow(fsys vfs.FS, path string, desc format.Descriptor, np format.Params, lo
 			return fmt.Errorf("%w: segment file %s already exists beyond the image's %d segments; run `sparsedisk check -r all` first (it moves such files aside)", ErrCorrupt, name, oldN)
 		}
 	}
-	if np.Layout == format.LayoutSparse {
+	if np.Layout == format.LayoutSparse && np.LUTKind() == lut.Xhyve { // a thin LUT grows by a hole
 		if err := format.CheckRoom(fsys, path, (np.Sectors()-old.Sectors())*lut.EntrySize, "the LUT's new entries"); err != nil {
 			return err
 		}
@@ -210,7 +210,7 @@ func grow(fsys vfs.FS, path string, desc format.Descriptor, np format.Params, lo
 		if err != nil {
 			return fmt.Errorf("open LUT: %w", err)
 		}
-		err = fillFF(f, old.Sectors()*lut.EntrySize, np.Sectors()*lut.EntrySize, o.report)
+		err = lut.Extend(f, np.LUTKind(), old.Sectors(), np.Sectors(), o.report)
 		if err == nil {
 			err = f.Sync()
 		}
@@ -226,26 +226,6 @@ func grow(fsys vfs.FS, path string, desc format.Descriptor, np format.Params, lo
 	}
 	desc.Params, desc.Intent = np, ""
 	return lock.Write(desc) // commit
-}
-
-// fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f,
-// telling progress (if not nil) how many bytes it wrote.
-func fillFF(f vfs.File, from, to int64, progress func(done, total int64)) error {
-	buf := make([]byte, min(to-from, 1<<20))
-	for i := range buf {
-		buf[i] = 0xFF
-	}
-	for off := from; off < to; {
-		c := min(to-off, int64(len(buf)))
-		if _, err := f.WriteAt(buf[:c], off); err != nil {
-			return fmt.Errorf("offset %d: %w", off, err)
-		}
-		off += c
-		if progress != nil {
-			progress(off-from, to-from)
-		}
-	}
-	return nil
 }
 
 // findDataPastEnd records in rep the data that lies at or past newSize.

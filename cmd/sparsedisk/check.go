@@ -33,7 +33,10 @@ func init() {
 		Description: "Walks the descriptor, the LUT and every segment file. Findings are leaks (slots\n" +
 			"no LUT entry references: wasted space only) and corruption (entries past a segment's\n" +
 			"end, two entries sharing a slot, a LUT of the wrong length, missing or extra segment\n" +
-			"files, an unfinished offline operation). Without -r nothing is written.\n\n" +
+			"files, an unfinished offline operation). Advice findings are neither: a segment file\n" +
+			"whose apparent size is far beyond its live data (bloat, or slot numbers running out)\n" +
+			"and heavy fragmentation; each names the command that fixes it (`sparsedisk shrink\n" +
+			"IMAGE`). Without -r nothing is written.\n\n" +
 			"First of all the descriptor is cross-examined against the files (segment count and\n" +
 			"sizes against split, LUT length against size/sectorsize, a LUT against the layout,\n" +
 			"every LUT entry against its segment's length). If they disagree, that is the one\n" +
@@ -47,8 +50,8 @@ func init() {
 			"image back exactly as it was before the latest repair.\n\n" +
 			"-U (--force-share) checks an image a server or mount holds open for writing, without\n" +
 			"its lock: read-only, never a repair, and the result may be inconsistent.\n\n" +
-			"Exit status (as qemu-img check): 0 clean, 1 could not check, 2 corruption, 3 leaks\n" +
-			"only; after -r, the status describes the repaired image.\n\n" +
+			"Exit status (as qemu-img check): 0 clean (advice findings included), 1 could not\n" +
+			"check, 2 corruption, 3 leaks only; after -r, the status describes the repaired image.\n\n" +
 			"Examples:\n   sparsedisk check disk.img            # report only\n   sparsedisk check disk.img -r leaks   # reclaim leaked slots after a crash\n" +
 			"   sparsedisk check disk.img -r all --output=json\n" +
 			"   sparsedisk check --undo disk.img     # revert the latest repair",
@@ -248,6 +251,9 @@ func printCheck(w io.Writer, r *blockif.Report) {
 	}
 	if r.Clean() {
 		fmt.Fprintf(w, "%s: no errors found (%s layout", r.Image, r.Layout)
+		if r.Advice > 0 {
+			fmt.Fprintf(w, "; %d advice finding(s)", r.Advice)
+		}
 	} else {
 		fmt.Fprintf(w, "%s: %d corruption(s), %d leak(s) (%d slot(s)) (%s layout", r.Image, r.Corruptions, r.Leaks, r.LeakedSlots, r.Layout)
 	}

@@ -20,8 +20,9 @@ func init() {
 		Usage:     "show an image's geometry, space use and state",
 		ArgsUsage: "PATH",
 		Description: "Opens the image read-only (it is left byte-identical) and prints its layout, virtual\n" +
-			"size, sector size, split, segments, allocated data, bytes on disk, fragmentation\n" +
-			"(breaks in the logical order of slots; `shrink` makes it 0) and state.\n\n" +
+			"size, sector size, split, segments, allocated data, bytes on disk, LUT kind (xhyve or\n" +
+			"thin; JSON key lut), fragmentation (breaks in the logical order of slots; `shrink`\n" +
+			"makes it 0) and state.\n\n" +
 			"-U (--force-share) reads an image a server or mount holds open for writing, without\n" +
 			"its lock: a warning says the figures may be inconsistent. A descriptor that disagrees\n" +
 			"with the files (or a LUT pointing outside them) is reported, exit status 2.\n\n" +
@@ -103,6 +104,7 @@ func infoAction(c *cli.Context) error {
 	fmt.Fprintf(tw, "allocated:\t%s\n", format.HumanSize(st.AllocatedBytes))
 	fmt.Fprintf(tw, "on disk:\t%s\n", format.HumanSize(st.OnDiskBytes))
 	if st.Layout == format.LayoutSparse {
+		fmt.Fprintf(tw, "lut:\t%s\n", st.LUTKind())
 		fmt.Fprintf(tw, "slots:\t%d\n", st.Slots)
 		fmt.Fprintf(tw, "leaked slots:\t%d\n", st.LeakedSlots)
 		frag := 0.0
@@ -110,6 +112,9 @@ func infoAction(c *cli.Context) error {
 			frag = 100 * float64(st.Fragments) / float64(n)
 		}
 		fmt.Fprintf(tw, "fragmentation:\t%d breaks (%.1f%%)\n", st.Fragments, frag)
+		if st.Advice > 0 {
+			fmt.Fprintf(tw, "advice:\t%d finding(s): `sparsedisk check %s` lists them, `sparsedisk shrink %s` fixes them\n", st.Advice, path, path)
+		}
 		fmt.Fprintf(tw, "state:\t%s\n", st.State)
 	}
 	if op != "" {

@@ -66,7 +66,7 @@ func mapAction(c *cli.Context) error {
 			e = e[1:]
 		}
 		ext = append(ext, e...)
-		if err := d.ReleaseTables(); err != nil {
+		if err := d.ReleaseTablesIn(off, min(step, d.Size()-off)); err != nil {
 			return fmt.Errorf("map %s: %w", path, err)
 		}
 	}

@@ -5,17 +5,19 @@ import (
 	"strings"
 
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/urfave/cli/v2"
 )
 
 // geometryFlags are the --size style equivalents of size= split=
-// sectorsize= layout= arguments.
+// sectorsize= layout= lut= arguments.
 func geometryFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "size", Usage: "virtual disk size, like 20G (k/m/g/t/p = powers of 1024)"},
 		&cli.StringFlag{Name: "split", Usage: "segment file size, a multiple of the sector size (default 1G)"},
 		&cli.StringFlag{Name: "sectorsize", Usage: "sector size: a power of two from 512 to 65536 (default 4096)"},
 		&cli.StringFlag{Name: "layout", Usage: "sparse (default), split or raw"},
+		&cli.StringFlag{Name: "lut", Usage: "sparse LUT encoding: xhyve (default, xhyve-compatible) or thin (empty LUT pages are holes)"},
 	}
 }
 
@@ -46,16 +48,16 @@ func geometryArgs(c *cli.Context) (pos []string, p format.Params, err error) {
 		}
 		k = strings.ToLower(strings.TrimSpace(k))
 		switch k {
-		case "size", "split", "sectorsize", "layout":
+		case "size", "split", "sectorsize", "layout", "lut":
 		default:
-			return nil, p, fmt.Errorf("unknown setting %q (want size=, split=, sectorsize= or layout=)", a)
+			return nil, p, fmt.Errorf("unknown setting %q (want size=, split=, sectorsize=, layout= or lut=)", a)
 		}
 		if _, dup := kv[k]; dup {
 			return nil, p, fmt.Errorf("%s= given twice", k)
 		}
 		kv[k] = v
 	}
-	for _, k := range []string{"size", "split", "sectorsize", "layout"} {
+	for _, k := range []string{"size", "split", "sectorsize", "layout", "lut"} {
 		if c.IsSet(k) {
 			if v, dup := kv[k]; dup && v != c.String(k) {
 				return nil, p, fmt.Errorf("%s given both as %s=%s and --%s=%s", k, k, v, k, c.String(k))
@@ -80,6 +82,13 @@ func geometryArgs(c *cli.Context) (pos []string, p format.Params, err error) {
 		return nil, p, err
 	}
 	p.Layout = format.Layout(kv["layout"])
+	if v, ok := kv["lut"]; ok {
+		k, err := lut.ParseKind(v)
+		if err != nil || v == "" {
+			return nil, p, fmt.Errorf("lut=%s: want xhyve or thin", v)
+		}
+		p.LUT = k
+	}
 	return pos, p, nil
 }
 
