@@ -2,6 +2,7 @@ package sparsedisk_test
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"regexp"
@@ -69,7 +70,9 @@ func TestFormatDoc(t *testing.T) {
 		documented[m[1]] = true
 	}
 	p := format.Params{Layout: format.LayoutSparse, Size: 65536, Split: 16384, SectorSize: 4096}
-	full := format.Descriptor{Params: p, State: format.StateDirty, Intent: format.IntentShrink}.Marshal()
+	pt := p
+	pt.LUT = lut.Thin // the `lut` key is written only for a non-default kind
+	full := format.Descriptor{Params: pt, State: format.StateDirty, Intent: format.IntentShrink}.Marshal()
 	written := 0
 	for _, line := range strings.Split(string(full), "\n") {
 		key, _, ok := strings.Cut(line, "=")
@@ -81,8 +84,8 @@ func TestFormatDoc(t *testing.T) {
 			t.Errorf("the code writes descriptor key %q, which FORMAT.md section 3.2 does not list", key)
 		}
 	}
-	if written != 7 || len(documented) != 7 {
-		t.Errorf("the code writes %d descriptor keys and FORMAT.md lists %d (%v); want 7 each", written, len(documented), documented)
+	if written != 8 || len(documented) != 8 || !documented["lut"] {
+		t.Errorf("the code writes %d descriptor keys and FORMAT.md lists %d (%v); want 8 each, lut among them", written, len(documented), documented)
 	}
 	base := format.Descriptor{Params: p}.Marshal()
 	base = bytes.ReplaceAll(base, []byte("state = clean\n"), nil)
@@ -120,6 +123,32 @@ func TestFormatDoc(t *testing.T) {
 		need("the intent", "| `"+in+"` |")
 	}
 	need("the unallocated entry", fmt.Sprintf("`0x%08X`", lut.Unallocated))
+
+	// LUT kinds: each kind the code knows has a row in section 6.1 that
+	// states how it stores unallocated and slot 0 (as the codec does),
+	// and the descriptor parser accepts it; the refusal of an unknown
+	// kind is documented with its error.
+	kinds := section(t, doc, "### 6.1 LUT kinds")
+	for _, k := range lut.Kinds {
+		row := regexp.MustCompile("(?m)^\\| `" + string(k) + "`[^|]*\\| `0x([0-9A-F]{8})`[^|]*\\| `v( \\+ 1)?` \\|").FindStringSubmatch(kinds)
+		if row == nil {
+			t.Errorf("FORMAT.md section 6.1 has no row for LUT kind %q", k)
+			continue
+		}
+		e := k.EncodeEntries([]uint32{lut.Unallocated, 0})
+		if got := fmt.Sprintf("%08X", binary.LittleEndian.Uint32(e)); got != row[1] {
+			t.Errorf("LUT kind %q stores unallocated as 0x%s; FORMAT.md says 0x%s", k, got, row[1])
+		}
+		if got, doc := binary.LittleEndian.Uint32(e[4:]), row[2] != ""; (got == 1) != doc {
+			t.Errorf("LUT kind %q stores slot 0 as %d; FORMAT.md says `v%s`", k, got, row[2])
+		}
+		d := format.Descriptor{Params: p}
+		d.LUT = k
+		if _, err := format.ParseDescriptor(d.Marshal(), "FORMAT.md"); err != nil {
+			t.Errorf("descriptor with lut = %s: %v", k, err)
+		}
+	}
+	need("the unknown-kind error", lut.ErrUnknownKind.Error())
 	need("the largest slot", fmt.Sprintf("`0x%08X`", lut.Unallocated-1))
 	need("the LUT entry size", fmt.Sprintf("%d bytes, uint32 little-endian", lut.EntrySize))
 	need("the LUT file", "`P"+lut.Suffix+"`")

@@ -27,8 +27,7 @@
 //
 // LUT (P.lut): entry n describes sector n of the disk (segment n / (split
 // / sectorsize)); its encoding, the LUT kind, is named by the
-// descriptor's `lut` key (until FORMAT.md describes it, this is the
-// reference):
+// descriptor's `lut` key (FORMAT.md section 6.1 is the reference):
 //
 //	| kind            | unallocated | slot v     | never-written LUT pages    |
 //	|-----------------|-------------|------------|----------------------------|
