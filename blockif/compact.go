@@ -105,10 +105,25 @@ func (c *compactor) step(i int) (bool, error) {
 	defer d.leave()
 	s := d.segs[i]
 	s.mu.RLock()
-	loaded := s.part != nil && s.err == nil
+	loaded, failed := s.part != nil, s.err != nil
 	s.mu.RUnlock()
-	if !loaded {
+	if failed {
 		return false, nil
+	}
+	if !loaded {
+		// A segment nobody touched since open is left alone (its LUT
+		// stays unloaded), unless its file is longer than all its
+		// sectors could need: an old version's bloat.
+		size, err := s.Size()
+		if err != nil {
+			return false, err
+		}
+		if slots := size / d.desc.SectorSize; slots <= s.sectors+compactSlack(s.sectors, d.desc.SectorSize) {
+			return false, nil
+		}
+		if err := d.withTable(s, func(*lut.Part) {}); err != nil {
+			return false, err
+		}
 	}
 	if err := d.reclaim(s); err != nil {
 		return false, err
