@@ -20,6 +20,10 @@ type compactor struct {
 	done     chan struct{} // closed when the goroutine has returned
 	once     sync.Once
 
+	// minSlack, if not 0, replaces compactSlack's floor (tests force
+	// compaction of tiny images with 1).
+	minSlack int64
+
 	// active holds the segments being compacted (hysteresis: compaction
 	// starts above the slack and goes on until the file is dense). Only
 	// the compactor goroutine touches it.
@@ -140,7 +144,11 @@ func (c *compactor) step(i int) (bool, error) {
 		delete(c.active, i)
 		return false, nil
 	}
-	if !c.active[i] && holes <= compactSlack(live, ss) {
+	slack := compactSlack(live, ss)
+	if c.minSlack > 0 {
+		slack = max(live/16, c.minSlack)
+	}
+	if !c.active[i] && holes <= slack {
 		return false, nil
 	}
 	c.active[i] = true
