@@ -83,9 +83,9 @@ func (c *compactor) run() {
 				if !more {
 					break
 				}
-				// Throttle: at most half of the time moving data, so client
-				// I/O keeps the disk's bandwidth.
-				pause := time.NewTimer(max(time.Since(start), time.Millisecond))
+				// Throttle: at most a quarter of the time moving data, so
+				// client I/O keeps most of the disk's bandwidth.
+				pause := time.NewTimer(max(3*time.Since(start), time.Millisecond))
 				select {
 				case <-c.stopCh:
 					pause.Stop()

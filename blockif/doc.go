@@ -49,6 +49,8 @@
 //	             ▲              │                                                  │
 //	             └─same sector──┘                               compactor: truncated (gone)
 //
+// In words:
+//
 //   - freed: unmapped in memory in flush epoch N (between the LUT
 //     snapshots N−1 and N of its segment).
 //   - synced: the Flush that took snapshot N has fdatasynced P.lut; no
@@ -94,7 +96,7 @@
 // truncated (with the segment's lock held, so no write appends
 // meanwhile). A crash at any step finds either the old entry and the
 // intact old slot, or the new entry and its durable copy. Work is
-// throttled (at most half the time moving data) and no client request
+// throttled (at most a quarter of the time moving data) and no client request
 // waits for it longer than one sector copy, one Flush or one truncate. It
 // starts on a segment when its reusable holes exceed 1/16 of its live
 // data (at least 256 KiB) and then goes on until nothing live sits above
