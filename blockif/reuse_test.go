@@ -606,6 +606,9 @@ func TestSlotEdge(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := seg.Truncate(last * ss); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("file system cannot hold a %d-byte sparse file: %v", last*ss, err)
+		}
 		t.Skipf("file system cannot hold a %d-byte sparse file: %v", last*ss, err)
 	}
 	lf, err := os.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
