@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -43,6 +44,7 @@ func TestCrash(t *testing.T) {
 		{Layout: format.LayoutSplit, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
 	}
 	var crashes, leaks int
+	before := stats.snapshot()
 	for r := 0; r < rounds; r++ {
 		p := geoms[r%len(geoms)]
 		rs := seed + uint64(r)
@@ -55,6 +57,16 @@ func TestCrash(t *testing.T) {
 		}
 		leaked += 0
 		leaks += leaked
+	}
+	// Every transition of the slot state machine (reuse.go) happened in
+	// the workloads above.
+	after := stats.snapshot()
+	for tr := range after {
+		n := after[tr] - before[tr]
+		t.Logf("slot transition %-11s %d", transNames[tr], n)
+		if n == 0 && rounds >= 200 {
+			t.Errorf("the crash simulation never hit slot transition %q", transNames[tr])
+		}
 	}
 	t.Logf("checked %d crash points (%d rounds, %d with the crash inside the workload); %d leaked slots found, 0 violations", rounds, rounds, crashes, leaks)
 	fmt.Printf("crash simulation: %d crash points checked, 0 violations\n", rounds)
@@ -84,13 +96,28 @@ func crashRound(t *testing.T, p format.Params, seed uint64) (crashedInside bool,
 			allowed[s] = [][]byte{cur[s]}
 		}
 	}
-	mem.SetCrashAfter(int64(rng.IntN(120)))
-	d, err := Open(path, &Options{FS: mem})
+	mem.SetCrashAfter(int64(rng.IntN(160)))
+	// Some rounds run the background compactor; every round may run a
+	// deterministic compaction pass (op "compact") that moves slots even
+	// in these tiny images.
+	background := p.Layout == format.LayoutSparse && rng.IntN(4) == 0
+	d, err := Open(path, &Options{FS: mem, Compact: background, CompactInterval: time.Millisecond})
 	stamp := 0
 	if err == nil {
+		if d.compactor != nil {
+			d.compactor.minSlack = 1
+			defer d.compactor.stop()
+		}
+		comp := &compactor{d: d, minSlack: 1, active: map[int]bool{}}
+		// Most rounds churn a few sectors, to trim, flush and reallocate
+		// slots over and over.
+		span := nsec
+		if rng.IntN(3) > 0 {
+			span = min(nsec, 2+rng.Int64N(6))
+		}
 		for op := 0; op < 60; op++ {
-			k := rng.IntN(10)
-			off := rng.Int64N(nsec) * ss
+			k := rng.IntN(12)
+			off := rng.Int64N(span) * ss
 			n := (1 + rng.Int64N(3)) * ss
 			if rng.IntN(3) == 0 { // unaligned
 				off += rng.Int64N(ss)
@@ -112,11 +139,23 @@ func crashRound(t *testing.T, p format.Params, seed uint64) (crashedInside bool,
 			case k < 8:
 				applyModel(cur, allowed, off, make([]byte, n), ss)
 				err = d.Trim(off, n)
-			default:
+			case k < 10:
 				err = d.Flush()
 				if err == nil {
 					flushed()
 				}
+			case k < 11:
+				if p.Layout == format.LayoutSparse {
+					for i := range d.segs {
+						if _, err = comp.step(i); err != nil {
+							break
+						}
+					}
+					// The pass flushes only if it moved something: the
+					// model keeps every candidate since the last Flush.
+				}
+			default:
+				err = stalledRead(d, rng, cur, allowed, flushed, &stamp, span, p)
 			}
 			if err != nil {
 				if !errors.Is(err, vfs.ErrCrashed) {
@@ -178,6 +217,64 @@ func crashRound(t *testing.T, p format.Params, seed uint64) (crashedInside bool,
 		}
 	}
 	return crashedInside, int(r.LeakedSlots)
+}
+
+// stalledRead reads a sector and, while the read has looked its slot up
+// and not yet read it, trims that sector, flushes, writes other sectors
+// and flushes again: the slot must not be reused for them (the read
+// drains first), and the read returns the old data or zeros.
+func stalledRead(d *Disk, rng *rand.Rand, cur [][]byte, allowed [][][]byte, flushed func(), stamp *int, span int64, p format.Params) error {
+	ss := p.SectorSize
+	g := rng.Int64N(span)
+	old := allowed[g]
+	var herr error
+	var once sync.Once
+	testHookRead = func(int, []run) {
+		once.Do(func() {
+			applyModel(cur, allowed, g*ss, make([]byte, ss), ss)
+			if herr = d.Trim(g*ss, ss); herr != nil {
+				return
+			}
+			if herr = d.Flush(); herr != nil {
+				return
+			}
+			flushed()
+			for k := 0; k < 2; k++ {
+				o := (g + 1 + int64(k)) % (p.Size / ss)
+				*stamp++
+				buf := make([]byte, ss)
+				for i := range buf {
+					buf[i] = byte(*stamp*7 + i/512 + 1)
+				}
+				applyModel(cur, allowed, o*ss, buf, ss)
+				if _, herr = d.WriteAt(buf, o*ss); herr != nil {
+					return
+				}
+			}
+			if herr = d.Flush(); herr == nil {
+				flushed()
+			}
+		})
+	}
+	defer func() { testHookRead = nil }()
+	got := make([]byte, ss)
+	_, err := d.ReadAt(got, g*ss)
+	if herr != nil {
+		return herr
+	}
+	if err != nil {
+		return err
+	}
+	for c := int64(0); c < ss; c += 512 {
+		ok := bytes.Equal(got[c:c+512], zeros[:512])
+		for _, a := range old {
+			ok = ok || bytes.Equal(got[c:c+512], a[c:c+512])
+		}
+		if !ok {
+			return fmt.Errorf("stalled read of sector %d: bytes %d.. hold %x…, neither its data nor zeros", g, c, got[c:c+8])
+		}
+	}
+	return nil
 }
 
 // applyModel records a write of buf at off in the model: the sectors'

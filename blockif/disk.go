@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
@@ -36,6 +37,16 @@ type Options struct {
 	// inconsistent, as the writer changes the files meanwhile. Check
 	// honours it too.
 	ForceShare bool
+	// Compact starts the background compactor of a writable sparse image
+	// (see the package documentation, "Online compaction"): it moves slots
+	// from the tail of each segment file into reusable holes and truncates
+	// the file. The frontends (serve, mount) turn it on unless
+	// --no-compact; the offline tools and the engine's tests leave it off.
+	Compact bool
+	// CompactInterval is how often the compactor looks at the segments
+	// when nothing wakes it earlier (a Flush that made slots reusable
+	// does); 0 means one second.
+	CompactInterval time.Duration
 	// Progress, if not nil, is called by Check (only) as
 	// they walk a sparse image: with the bytes of the virtual disk checked
 	// so far and the disk size, ending with done == total.
@@ -87,6 +98,13 @@ type Disk struct {
 	closed  bool // protected by closeMu
 
 	writes atomic.Int64 // mutating calls, for Stats
+
+	// lutSynced makes the first LUT load of a writer fdatasync the LUT
+	// file once (see loadTable); lutSyncErr is its result.
+	lutSynced  sync.Once
+	lutSyncErr error
+
+	compactor *compactor // nil unless Options.Compact
 }
 
 // segState is the engine's state of one segment: its file and its part of
@@ -107,6 +125,10 @@ type segState struct {
 	// meaningful while part is nil: nothing changes the LUT of a segment
 	// without loading its part first.
 	probed, empty bool
+
+	// slotState is the slot bookkeeping of a writable sparse segment
+	// (reuse.go); mu protects it, except the atomic reader counts.
+	slotState
 }
 
 // Create makes a new, empty image. It refuses to overwrite anything: the
@@ -258,6 +280,9 @@ func Open(path string, o *Options) (*Disk, error) {
 		}
 		return nil, err
 	}
+	if o != nil && o.Compact && !d.readOnly && d.desc.Layout == format.LayoutSparse {
+		d.compactor = startCompactor(d, o.CompactInterval)
+	}
 	return d, nil
 }
 
@@ -389,6 +414,9 @@ func (d *Disk) leave() { d.closeMu.RUnlock() }
 // Close flushes, marks the descriptor clean, and releases the lock. It
 // waits for in-flight operations. Later calls return ErrClosed.
 func (d *Disk) Close() error {
+	if d.compactor != nil {
+		d.compactor.stop() // before closeMu: it works inside enter/leave
+	}
 	d.closeMu.Lock()
 	defer d.closeMu.Unlock()
 	if d.closed {

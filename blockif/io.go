@@ -3,6 +3,7 @@ package blockif
 import (
 	"bytes"
 	"fmt"
+	"slices"
 	"syscall"
 
 	"github.com/sparsedisk/sparsedisk/format"
@@ -64,8 +65,21 @@ func (d *Disk) withTable(s *segState, fn func(t *lut.Part)) error {
 
 // loadTable reads a segment's LUT part and sets its append cursor to
 // max(file slots, highest referenced slot + 1). An entry at or past the
-// file's end is corruption (FORMAT.md, sections 6 and 7.1).
+// file's end is corruption (FORMAT.md, sections 6 and 7.1). A writer also
+// fdatasyncs the LUT (once per open) and the segment file first, then takes
+// every slot of the file that no entry references as reusable: what a
+// killed earlier process left unsynced in the page cache is durable by
+// then, so "unreferenced in what we read" means "unreferenced on disk".
 func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
+	if !d.readOnly {
+		d.lutSynced.Do(func() { d.lutSyncErr = d.lut.Sync() })
+		if d.lutSyncErr != nil {
+			return nil, d.lutSyncErr
+		}
+		if err := s.SyncFile(); err != nil {
+			return nil, err
+		}
+	}
 	t, err := d.lut.Load(s.Index())
 	if err != nil {
 		return nil, err
@@ -78,6 +92,7 @@ func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
 	fileSlots := size / ss
 	next := (size + ss - 1) / ss
 	bad, firstBad := 0, int64(-1)
+	var live int64
 	for j, v := range t.Entries {
 		if v == lut.Unallocated {
 			continue
@@ -97,6 +112,7 @@ func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
 			bad++
 			continue
 		}
+		live++
 		next = max(next, int64(v)+1)
 	}
 	if bad > 0 {
@@ -104,7 +120,87 @@ func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
 			"image", d.path, "segment", s.Index(), "bad_entries", bad, "first_sector", firstBad)
 	}
 	s.SetNext(next)
+	if !d.readOnly {
+		// Called with s.mu write-held (withTable).
+		s.live = live
+		s.free = freeRunsFrom(t.Entries, fileSlots)
+		s.pend, s.pendBase, s.pendIdx = nil, 0, nil
+	}
 	return t, nil
+}
+
+// slotWarnAt is the append cursor past which a segment is close enough to
+// the 2^32−1 slot limit to warn (90 %).
+const slotWarnAt = maxSlot / 10 * 9
+
+// sectorOf is the global sector number of sector j of segment s.
+func (d *Disk) sectorOf(s *segState, j int64) int64 {
+	return int64(s.Index())*(d.desc.Split/d.desc.SectorSize) + j
+}
+
+// slotSource tells where allocSlots found a slot, so that a failed write
+// can give it back.
+type slotSource byte
+
+const (
+	fromAppend slotSource = iota + 1
+	fromFree
+	fromPending
+)
+
+// allocSlots picks a slot for each sector j0+k with want[k]: the sector's
+// own freed slot if it has one pending, else the lowest reusable slot,
+// else a new slot at the end of the file. Called with s.mu write-held. On
+// ENOSPC nothing stays allocated.
+func (d *Disk) allocSlots(s *segState, j0 int64, want []bool, slots []uint32, src []slotSource) error {
+	for k := range want {
+		if !want[k] {
+			continue
+		}
+		if v, ok := s.takePending(j0 + int64(k)); ok {
+			slots[k], src[k] = uint32(v), fromPending
+			continue
+		}
+		if v, ok := s.free.pop(); ok {
+			stats.count(transReused)
+			slots[k], src[k] = uint32(v), fromFree
+			continue
+		}
+		next := s.Next()
+		if next > maxSlot {
+			d.releaseSlots(s, j0, slots, src)
+			return fmt.Errorf("image %s, segment %d (%s): all %d slot numbers of the segment file are in use (%d hold live data, %d freed since the last flush); "+
+				"flush to make trimmed slots reusable, or run `sparsedisk shrink %s` while nothing serves the image: %w",
+				d.path, s.Index(), s.Path(), maxSlot+1, s.live, s.pendLen(), d.path, syscall.ENOSPC)
+		}
+		if next >= slotWarnAt && !s.warned {
+			s.warned = true
+			d.log.Warn("segment file is close to its limit of 2^32-1 slots; writes to it will fail with ENOSPC once it is reached. Trim unused space, or run `sparsedisk shrink` on the image while nothing serves it",
+				"image", d.path, "segment", s.Index(), "file", s.Path(), "slots", next, "live", s.live, "limit", maxSlot+1)
+		}
+		s.SetNext(next + 1)
+		stats.count(transAppended)
+		slots[k], src[k] = uint32(next), fromAppend
+	}
+	return nil
+}
+
+// releaseSlots gives back the slots allocSlots picked (src[k] != 0) when
+// their data could not be written: a sector's own pending slot becomes
+// pending again, any other is reusable (no entry references it). Called
+// with s.mu write-held.
+func (d *Disk) releaseSlots(s *segState, j0 int64, slots []uint32, src []slotSource) {
+	var back []int64
+	for k, from := range src {
+		switch from {
+		case fromPending:
+			s.freeSlot(j0+int64(k), int64(slots[k]), true)
+		case fromFree, fromAppend:
+			back = append(back, int64(slots[k]))
+		}
+		src[k] = 0
+	}
+	s.free.add(back)
 }
 
 // ReadAt reads len(p) bytes at off. Any offset and length inside the disk
@@ -156,7 +252,13 @@ type run struct {
 func (d *Disk) readSparse(s *segState, p []byte, segOff int64) error {
 	ss := d.desc.SectorSize
 	var runs []run
+	var gen uint64
 	err := d.withTable(s, func(t *lut.Part) {
+		// Register as a reader of this generation before looking up: a
+		// slot freed after the lookup is not reused before the read
+		// below is done (reuse.go).
+		gen = s.gen & 1
+		s.active[gen].Add(1)
 		for pos := int64(0); pos < int64(len(p)); {
 			j := (segOff + pos) / ss
 			in := (segOff + pos) % ss
@@ -178,6 +280,10 @@ func (d *Disk) readSparse(s *segState, p []byte, segOff int64) error {
 	if err != nil {
 		return err
 	}
+	defer s.active[gen].Add(-1)
+	if testHookRead != nil {
+		testHookRead(s.Index(), runs)
+	}
 	for _, r := range runs {
 		if err := s.ReadSlotsStrict(r.buf, r.fileOff); err != nil {
 			return fmt.Errorf("%w: segment %d: %w", ErrCorrupt, s.Index(), err)
@@ -185,6 +291,10 @@ func (d *Disk) readSparse(s *segState, p []byte, segOff int64) error {
 	}
 	return nil
 }
+
+// testHookRead, if set (by tests only), runs between a read's lookup and
+// its preads.
+var testHookRead func(seg int, runs []run)
 
 // WriteAt writes p at off. A write reaching past the end of the disk fails
 // with ErrOutOfRange and writes nothing.
@@ -275,24 +385,36 @@ func (d *Disk) writeSparse(s *segState, p []byte, segOff int64) error {
 		srcs[k] = buf
 	}
 
+	// Sectors that become all zeros give their slot back; non-zero data
+	// for unallocated sectors needs a slot.
 	var fresh int64
 	isNew := make([]bool, nsec)
+	var zeroed []int64 // k of allocated sectors overwritten with zeros
 	for k := range slots {
-		if slots[k] == lut.Unallocated && !isZero(srcs[k]) {
+		z := isZero(srcs[k])
+		switch {
+		case slots[k] == lut.Unallocated && !z:
 			isNew[k] = true
 			fresh++
+		case slots[k] != lut.Unallocated && z:
+			zeroed = append(zeroed, int64(k))
 		}
 	}
+	var src []slotSource
 	if fresh > 0 {
-		base := s.Alloc(fresh)
-		if base+fresh-1 > maxSlot {
-			return fmt.Errorf("segment %d (%s) has used all %d slot numbers; run `sparsedisk shrink`: %w", s.Index(), s.Path(), maxSlot, syscall.ENOSPC)
+		src = make([]slotSource, nsec)
+		s.mu.Lock()
+		err := d.allocSlots(s, j0, isNew, slots, src)
+		s.mu.Unlock()
+		if err != nil {
+			return err
 		}
-		for k := range slots {
-			if isNew[k] {
-				slots[k] = uint32(base)
-				base++
-			}
+	}
+	written := slots
+	if len(zeroed) > 0 {
+		written = append([]uint32(nil), slots...)
+		for _, k := range zeroed {
+			written[k] = lut.Unallocated
 		}
 	}
 
@@ -300,10 +422,10 @@ func (d *Disk) writeSparse(s *segState, p []byte, segOff int64) error {
 	// are contiguous in memory.
 	var runs []run
 	for k := int64(0); k < nsec; k++ {
-		if slots[k] == lut.Unallocated {
+		if written[k] == lut.Unallocated {
 			continue
 		}
-		fo := int64(slots[k]) * ss
+		fo := int64(written[k]) * ss
 		if r := len(runs) - 1; r >= 0 && runs[r].fileOff+int64(len(runs[r].buf)) == fo && adjacent(runs[r].buf, srcs[k]) {
 			runs[r].buf = runs[r].buf[:len(runs[r].buf)+int(ss)]
 			continue
@@ -312,17 +434,52 @@ func (d *Disk) writeSparse(s *segState, p []byte, segOff int64) error {
 	}
 	for _, r := range runs {
 		if err := s.WriteAt(r.buf, r.fileOff); err != nil {
-			return err // new slots stay unreferenced: a leak, never a lie
+			if fresh > 0 {
+				s.mu.Lock()
+				d.releaseSlots(s, j0, slots, src)
+				s.mu.Unlock()
+			}
+			return err
 		}
 	}
-	if fresh > 0 {
-		s.mu.Lock()
-		for k := range slots {
-			if isNew[k] {
-				s.part.Set(j0+int64(k), slots[k])
-			}
+	if fresh == 0 && len(zeroed) == 0 {
+		return nil
+	}
+	var punch []int64
+	s.mu.Lock()
+	for k := range slots {
+		if isNew[k] {
+			s.part.Set(j0+int64(k), slots[k])
+			s.live++
 		}
-		s.mu.Unlock()
+	}
+	for _, k := range zeroed {
+		punch = append(punch, int64(slots[k]))
+		s.part.Set(j0+k, lut.Unallocated)
+		s.live--
+		s.freeSlot(j0+k, int64(slots[k]), false)
+	}
+	s.mu.Unlock()
+	return d.punchSlots(s, punch)
+}
+
+// punchSlots punches the slots (sorted or not), one call per run of
+// consecutive slots.
+func (d *Disk) punchSlots(s *segState, slots []int64) error {
+	if len(slots) == 0 {
+		return nil
+	}
+	slices.Sort(slots)
+	ss := d.desc.SectorSize
+	for a := 0; a < len(slots); {
+		b := a + 1
+		for b < len(slots) && slots[b] == slots[b-1]+1 {
+			b++
+		}
+		if err := s.Punch(slots[a]*ss, int64(b-a)*ss); err != nil {
+			return err
+		}
+		a = b
 	}
 	return nil
 }
@@ -415,8 +572,12 @@ func (d *Disk) zeroLocked(off, n int64) error {
 }
 
 // deallocate unmaps sectors [j, j+count) of segment s and punches their
-// slots. No slot is reused while the image is open, so punching at once is
-// safe whatever the on-disk LUT still says (it reads as zeros).
+// slots at once. The slots are freed, not reusable: another sector gets
+// one only once a flush has made the unmapping durable and every read
+// that may have looked it up has finished (reuse.go); until then the
+// on-disk LUT may still name it, and reads as zeros or the old data,
+// both correct for an unflushed trim. The caller holds the range lock of
+// the sectors, so no write to them is in flight.
 func (d *Disk) deallocate(s *segState, j, count int64) error {
 	if err := d.withTable(s, func(*lut.Part) {}); err != nil { // load it
 		return err
@@ -427,21 +588,12 @@ func (d *Disk) deallocate(s *segState, j, count int64) error {
 		if v := s.part.Entries[k]; v != lut.Unallocated {
 			freed = append(freed, int64(v))
 			s.part.Set(k, lut.Unallocated)
+			s.live--
+			s.freeSlot(k, int64(v), false)
 		}
 	}
 	s.mu.Unlock()
-	ss := d.desc.SectorSize
-	for a := 0; a < len(freed); {
-		b := a + 1
-		for b < len(freed) && freed[b] == freed[b-1]+1 {
-			b++
-		}
-		if err := s.Punch(freed[a]*ss, int64(b-a)*ss); err != nil {
-			return err
-		}
-		a = b
-	}
-	return nil
+	return d.punchSlots(s, freed)
 }
 
 // Flush makes every write, trim and zeroing completed before the call
@@ -463,12 +615,20 @@ func (d *Disk) flush() error {
 	defer d.flushMu.Unlock()
 	// Snapshot the LUT pages first: every entry in the snapshot was set
 	// after its data was written, so the segment syncs below cover it.
+	// Each snapshot is an epoch of its segment: the slots freed before
+	// it become reusable once this flush has synced the LUT (reuse.go).
 	var pages []lut.Page
+	epochs := make([]uint64, len(d.segs))
 	if d.lut != nil {
-		for _, s := range d.segs {
+		for i, s := range d.segs {
 			s.mu.Lock()
 			if s.part != nil && s.part.Dirty() {
 				pages = append(pages, s.part.TakeDirty()...)
+			}
+			if s.part != nil {
+				s.epoch++
+				epochs[i] = s.epoch
+				s.tryAdvance()
 			}
 			s.mu.Unlock()
 		}
@@ -498,5 +658,43 @@ func (d *Disk) flush() error {
 			return err
 		}
 	}
+	if d.lut == nil || d.readOnly {
+		return nil
+	}
+	for i, s := range d.segs {
+		if epochs[i] == 0 {
+			continue
+		}
+		s.mu.Lock()
+		s.synced = max(s.synced, epochs[i])
+		s.mu.Unlock()
+		if err := d.reclaim(s); err != nil {
+			return err
+		}
+	}
+	if d.compactor != nil {
+		d.compactor.kick()
+	}
 	return nil
+}
+
+// reclaim makes the freed slots of s that have become reusable so
+// (punching those the compactor moved out of, first).
+func (d *Disk) reclaim(s *segState) error {
+	s.mu.Lock()
+	if s.part == nil || len(s.pend) == 0 {
+		s.mu.Unlock()
+		return nil
+	}
+	toPunch := s.promotable()
+	s.mu.Unlock()
+	if len(toPunch) == 0 {
+		return nil
+	}
+	// Unreachable meanwhile: neither pending nor reusable.
+	err := d.punchSlots(s, append([]int64(nil), toPunch...))
+	s.mu.Lock()
+	s.free.add(toPunch)
+	s.mu.Unlock()
+	return err
 }

@@ -99,6 +99,10 @@ func (s *File) SetNext(slot int64) { s.next.Store(slot) }
 // cursor is the append cursor: the number of slots ever allocated.
 func (s *File) cursor() int64 { return s.next.Load() }
 
+// Next is the append cursor: slots at and after it were never handed out
+// (since open, or since the cursor was lowered by a truncation).
+func (s *File) Next() int64 { return s.next.Load() }
+
 // Alloc reserves n consecutive new slots and returns the first. Slots are
 // never handed out twice while the segment is open.
 func (s *File) Alloc(n int64) int64 { return s.next.Add(n) - n }
@@ -166,7 +170,8 @@ func (s *File) Punch(off, n int64) error {
 	return nil
 }
 
-// Truncate sets the file length (offline tools only).
+// Truncate sets the file length: offline tools, and the online compactor
+// once the tail it cuts holds only reusable slots.
 func (s *File) Truncate(size int64) error {
 	f, err := s.file()
 	if err != nil {
@@ -195,6 +200,20 @@ func (s *File) Sync() error {
 	}
 	if err := f.Sync(); err != nil {
 		s.dirty.Store(true)
+		return fmt.Errorf("sync %s: %w", s.path, err)
+	}
+	return nil
+}
+
+// SyncFile fdatasyncs the file whether or not it was written through this
+// File: a writer calls it once at open, so that what a killed earlier
+// process left in the page cache is on disk before it is relied upon.
+func (s *File) SyncFile() error {
+	f, err := s.file()
+	if err != nil {
+		return err
+	}
+	if err := f.Sync(); err != nil {
 		return fmt.Errorf("sync %s: %w", s.path, err)
 	}
 	return nil

@@ -217,6 +217,7 @@ type kcCell struct {
 type kcModel struct {
 	mu         sync.Mutex
 	cells      []kcCell
+	churn      bool   // workers stay in the first eighth of the disk and trim more (slot reuse, compaction)
 	seq        uint64 // answers received so far (acknowledged operations)
 	flushedSeq uint64 // every answer with ackSeq <= flushedSeq is covered by a completed flush
 }
@@ -320,11 +321,21 @@ func kcVerify(t *testing.T, c *nbdclient.Client, m *kcModel, st *kcStats, round 
 func kcWorkload(c *nbdclient.Client, m *kcModel, st *kcStats, rng *rand.Rand, nextID *atomic.Uint64,
 	inFlight *atomic.Int64, killed, stop *atomic.Bool, bad func(string, ...any), limit int) {
 	buf := make([]byte, 8*kcSector)
+	m.mu.Lock()
+	cells := len(m.cells)
+	churn := m.churn
+	m.mu.Unlock()
+	if churn {
+		cells /= 8
+	}
 	for range limit {
 		if stop.Load() {
 			return
 		}
 		r := rng.IntN(100)
+		if churn && r >= 28 && r < 45 {
+			r = 20 // trim
+		}
 		if r < 10 { // flush
 			m.mu.Lock()
 			snap := m.seq
@@ -343,11 +354,11 @@ func kcWorkload(c *nbdclient.Client, m *kcModel, st *kcStats, rng *rand.Rand, ne
 			continue
 		}
 		n := 1 + rng.IntN(8)
-		s := rng.IntN(len(m.cells) - n + 1)
+		s := rng.IntN(cells - n + 1)
 		reserved := false
 		for try := 0; try < 8 && !reserved; try++ {
 			if reserved = m.reserve(s, n); !reserved {
-				s = rng.IntN(len(m.cells) - n + 1)
+				s = rng.IntN(cells - n + 1)
 			}
 		}
 		if !reserved {
@@ -480,8 +491,16 @@ func TestKillCrashNBD(t *testing.T) {
 	var nextID atomic.Uint64
 	start := time.Now()
 
-	srv := kcServe(t, image)
+	// The compactor runs (serve's default) and looks for work often;
+	// every other round churns a small part of the disk, so that slots
+	// are trimmed, reused and moved while the server is killed.
+	compactArgs := []string{"--compact-interval", "5ms"}
+	compactions := 0
+	srv := kcServe(t, image, compactArgs...)
 	for round := 1; round <= rounds; round++ {
+		m.mu.Lock()
+		m.churn = round%2 == 1
+		m.mu.Unlock()
 		conns := make([]*nbdclient.Client, 1+rng.IntN(4))
 		for i := range conns {
 			conns[i] = srv.dial(t)
@@ -507,6 +526,7 @@ func TestKillCrashNBD(t *testing.T) {
 		killed.Store(true)
 		st.inFlightAtKill += inFlight.Load()
 		srv.kill()
+		compactions += strings.Count(srv.stderr.String(), "compactor ")
 		stop.Store(true)
 		wg.Wait()
 		for _, c := range conns {
@@ -525,13 +545,13 @@ func TestKillCrashNBD(t *testing.T) {
 		// Some rounds: kill the next server while it opens and checks the
 		// dirty image, before or just after it starts accepting.
 		if rng.IntN(3) == 0 {
-			early := kcLaunch(t, image, "127.0.0.1:"+strconv.Itoa(kcFreePort(t)))
+			early := kcLaunch(t, image, "127.0.0.1:"+strconv.Itoa(kcFreePort(t)), compactArgs...)
 			time.Sleep(time.Duration(rng.IntN(30)) * time.Millisecond)
 			early.kill()
 			st.killsInReopen++
 		}
 
-		srv = kcServe(t, image)
+		srv = kcServe(t, image, compactArgs...)
 		if !strings.Contains(srv.stderr.String(), "not closed cleanly") {
 			t.Errorf("round %d: serve did not report checking the dirty image; stderr:\n%s", round, srv.stderr)
 		}
@@ -577,8 +597,11 @@ func TestKillCrashNBD(t *testing.T) {
 	t.Logf("rounds %d in %v: writes %d acknowledged of %d issued, flushes %d, trims %d, write-zeroes %d, live reads %d",
 		rounds, time.Since(start).Round(time.Millisecond), st.writes.Load(), st.writesIssued.Load(), st.flushes.Load(),
 		st.trims.Load(), st.zeroes.Load(), st.reads.Load())
-	t.Logf("requests in flight at the kills %d, kills during reopen %d, sectors verified %d, violations %d, leaked slots at the end %d",
-		st.inFlightAtKill, st.killsInReopen, st.sectorsVerified, st.violations, r.LeakedSlots)
+	t.Logf("requests in flight at the kills %d, kills during reopen %d, sectors verified %d, violations %d, leaked slots at the end %d, compactor log lines %d",
+		st.inFlightAtKill, st.killsInReopen, st.sectorsVerified, st.violations, r.LeakedSlots, compactions)
+	if compactions == 0 {
+		t.Errorf("the compactor never moved or truncated anything in %d rounds", rounds)
+	}
 	if st.violations != 0 {
 		t.Errorf("%d violations of the durability contract", st.violations)
 	}

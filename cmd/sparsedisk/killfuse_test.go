@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -88,8 +89,9 @@ func (l *kfLedger) startRound() {
 
 // kfWriter owns sectors [lo, hi) and writes runs of stamped sectors into
 // them through f, with an fsync now and then, until an I/O error (the
-// mount process was killed) or stop.
-func kfWriter(f *os.File, l *kfLedger, rng *rand.Rand, nextID func() uint64, lo, hi int64, stop <-chan struct{}) {
+// mount process was killed) or stop. With churn, a quarter of its
+// operations punch holes instead (recorded as writes of id 0: zeros).
+func kfWriter(f *os.File, l *kfLedger, rng *rand.Rand, nextID func() uint64, lo, hi int64, churn bool, stop <-chan struct{}) {
 	buf := make([]byte, 8*kfSector)
 	for {
 		select {
@@ -114,6 +116,24 @@ func kfWriter(f *os.File, l *kfLedger, rng *rand.Rand, nextID func() uint64, lo,
 		}
 		n := 1 + rng.Int64N(8)
 		s := lo + rng.Int64N(hi-lo-n+1)
+		if churn && rng.IntN(4) == 0 {
+			l.mu.Lock()
+			for k := range n {
+				l.sent[s+k] = append(l.sent[s+k], 0)
+			}
+			l.writes++
+			l.mu.Unlock()
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, s*kfSector, n*kfSector); err != nil {
+				return
+			}
+			l.mu.Lock()
+			for k := range n {
+				l.acked[s+k] = len(l.sent[s+k])
+			}
+			l.ackedWrites++
+			l.mu.Unlock()
+			continue
+		}
 		l.mu.Lock()
 		for k := range n {
 			id := nextID()
@@ -229,10 +249,14 @@ func TestKillCrashFUSE(t *testing.T) {
 		return lastID
 	}
 	var totalVerified, totalViolations, staleUmounts int
-	var totalWrites, totalAcked, totalFsyncs int
+	var totalWrites, totalAcked, totalFsyncs, compactions int
 	start := time.Now()
 	for round := range rounds {
-		p := startMount(t, image)
+		// The compactor runs (mount's default) and looks for work often;
+		// odd rounds churn: writers stay in an eighth of their range and
+		// punch holes too, so slots are freed, reused and moved.
+		churn := round%2 == 1
+		p := startMount(t, image, "--compact-interval", "5ms")
 		if round > 0 {
 			rf, err := os.Open(p.file)
 			if err != nil {
@@ -257,13 +281,17 @@ func TestKillCrashFUSE(t *testing.T) {
 		for w := range writers {
 			wr := rand.New(rand.NewPCG(rng.Uint64(), uint64(w)))
 			lo, hi := int64(w)*sectors/writers, int64(w+1)*sectors/writers
-			wg.Go(func() { kfWriter(f, l, wr, nextID, lo, hi, stop) })
+			if churn {
+				hi = lo + (hi-lo)/8
+			}
+			wg.Go(func() { kfWriter(f, l, wr, nextID, lo, hi, churn, stop) })
 		}
 		time.Sleep(time.Duration(20+rng.IntN(250)) * time.Millisecond)
 		if err := p.cmd.Process.Kill(); err != nil {
 			t.Fatalf("kill: %v", err)
 		}
 		p.wait(t)
+		compactions += strings.Count(p.stderr.String(), "compactor ")
 		done := make(chan struct{})
 		go func() { wg.Wait(); close(done) }()
 		select {
@@ -309,6 +337,9 @@ func TestKillCrashFUSE(t *testing.T) {
 	if totalAcked == 0 || totalFsyncs == 0 {
 		t.Fatalf("the workload did nothing: %d acknowledged writes, %d fsyncs", totalAcked, totalFsyncs)
 	}
-	t.Logf("%d rounds in %v: %d writes sent (%d acknowledged), %d fsyncs completed, %d SIGKILLs, %d stale mounts cleared by `sparsedisk umount`, %d non-zero sectors verified, check: %d corruptions, %d leaked slots; violations=%d",
-		rounds, time.Since(start).Round(time.Millisecond), totalWrites, totalAcked, totalFsyncs, rounds, staleUmounts, totalVerified, r.Corruptions, r.LeakedSlots, totalViolations)
+	t.Logf("%d rounds in %v: %d writes and punches sent (%d acknowledged), %d fsyncs completed, %d SIGKILLs, %d stale mounts cleared by `sparsedisk umount`, %d non-zero sectors verified, check: %d corruptions, %d leaked slots, %d compactor log lines; violations=%d",
+		rounds, time.Since(start).Round(time.Millisecond), totalWrites, totalAcked, totalFsyncs, rounds, staleUmounts, totalVerified, r.Corruptions, r.LeakedSlots, compactions, totalViolations)
+	if compactions == 0 {
+		t.Errorf("the compactor never moved or truncated anything in %d rounds", rounds)
+	}
 }

@@ -32,14 +32,14 @@ func init() {
 			"Runs in the foreground. SIGINT, SIGTERM, `sparsedisk umount MOUNTPOINT` or\n" +
 			"`fusermount3 -u MOUNTPOINT` unmount it; the image is then flushed and closed clean.\n\n" +
 			"Example:\n   sparsedisk mount disk.img /mnt/disk &\n   losetup -f --show /mnt/disk/disk.img",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "open the image read-only; writes fail with EROFS"},
 			&cli.StringFlag{Name: "name", Usage: "file name inside the mount point (default: the image's file name)"},
 			&cli.BoolFlag{Name: "allow-other", Usage: "let other users see the mount; NAME stays mode 0600 until you chmod it"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it completes (slow)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every FUSE request"},
 			&cli.BoolFlag{Name: "force", Usage: "mount over a directory that is not empty (its files are hidden until umount)"},
-		},
+		}, compactFlags()...),
 		Action: mountAction,
 	})
 }
@@ -77,7 +77,7 @@ func mountAction(c *cli.Context) error {
 	}
 
 	ro := c.Bool("read-only")
-	d, err := blockif.Open(image, &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log})
+	d, err := blockif.Open(image, engineOptions(c, ro, log))
 	if errors.Is(err, blockif.ErrInUse) {
 		return fmt.Errorf("%s is in use by another process (mounted or served elsewhere?): %w", image, err)
 	}

@@ -49,7 +49,11 @@ func init() {
 			"negotiating, a new one evicting the oldest, so idle sockets cannot lock clients out;\n" +
 			"a client that has not finished negotiating after --handshake-timeout is dropped, and with\n" +
 			"--idle-timeout a connected client that sends nothing for that long is too. A Unix\n" +
-			"socket is created with --socket-mode (default 0600: only the serving user may connect).",
+			"socket is created with --socket-mode (default 0600: only the serving user may connect).\n\n" +
+			"Space: slots freed by TRIM are reused once a flush has made the trim durable, and a\n" +
+			"background compactor moves data from the end of each segment file into the holes and\n" +
+			"truncates the file, throttled to leave the disk to clients (--no-compact turns it off;\n" +
+			"it logs what it moved and truncated).",
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "listen", Aliases: []string{"l"}, Value: "127.0.0.1:10809", Usage: "TCP `ADDRESS` to listen on"},
 			&cli.StringFlag{Name: "socket", Usage: "Unix socket `PATH` to listen on (instead of TCP unless --listen is given too)"},
@@ -65,9 +69,24 @@ func init() {
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight (a second signal stops waiting)"},
 			&cli.StringFlag{Name: "tcp-congestion", Value: nbd.DefaultLoopbackCongestion, Usage: "TCP congestion control `ALGO` for connections from loopback addresses; \"\" or \"" + nbd.KeepCongestion + "\" keeps the system's default"},
 			&cli.BoolFlag{Name: "debug", Usage: "also log refused requests (read-only, out of range) and connection detail; failures of the image (EIO, ENOSPC) are always logged"},
-		}, tlsFlags()...),
+		}, append(compactFlags(), tlsFlags()...)...),
 		Action: serveAction,
 	})
+}
+
+// compactFlags are shared by the commands that keep an image open for
+// writing (serve, mount).
+func compactFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.BoolFlag{Name: "no-compact", Usage: "do not run the background compactor, which moves data from the end of segment files into holes left by TRIM and truncates them"},
+		&cli.DurationFlag{Name: "compact-interval", Value: time.Second, Usage: "how often the compactor looks for work when no flush wakes it"},
+	}
+}
+
+// engineOptions are the blockif options the serve and mount flags set.
+func engineOptions(c *cli.Context, ro bool, log *slog.Logger) *blockif.Options {
+	return &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log,
+		Compact: !c.Bool("no-compact"), CompactInterval: c.Duration("compact-interval")}
 }
 
 // tlsFlags are shared by commands that serve NBD over the network.
@@ -229,7 +248,7 @@ func serveAction(c *cli.Context) error {
 			}
 			seen[abs] = arg
 		}
-		d, err := blockif.Open(path, &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log})
+		d, err := blockif.Open(path, engineOptions(c, ro, log))
 		if err != nil {
 			closeAll()
 			if errors.Is(err, blockif.ErrInUse) {
