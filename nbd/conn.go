@@ -63,8 +63,9 @@ func (c *conn) stop() {
 	}
 }
 
+// serve runs the connection until it ends. The caller closes the socket
+// (after releasing the connection's slot, see Server.ServeConn).
 func (c *conn) serve() {
-	defer func() { c.rw().Close() }()
 	if tc, ok := c.nc.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
 		_ = tc.SetKeepAlive(true)

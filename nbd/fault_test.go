@@ -3,7 +3,6 @@ package nbd
 import (
 	"bytes"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,33 +12,9 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
-	"golang.org/x/sys/unix"
 )
-
-// faultTmpfs mounts a tmpfs of the given size (mount(8) syntax, "8m") on a
-// fresh directory and unmounts it when the test ends; register everything
-// that uses it after this call, so it is closed first. Without the
-// privilege to mount the test is skipped, except under CI=true where that
-// is a failure.
-func faultTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
-		msg := fmt.Sprintf("cannot mount a size-limited tmpfs on %s: %v", dir, err)
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true but %s", msg)
-		}
-		t.Skip(msg)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount tmpfs %s: %v", dir, err)
-			_ = unix.Unmount(dir, unix.MNT_DETACH)
-		}
-	})
-	return dir
-}
 
 // faultServe serves exps until the returned stop is called (or the test
 // ends); stop checks that the server shut down cleanly.
@@ -94,7 +69,7 @@ func TestDiskFullNBD(t *testing.T) {
 		perChk = chunk / ss
 		size   = 64 << 20 // far more than the 8 MiB tmpfs holds
 	)
-	dir := faultTmpfs(t, "8m")
+	dir := testutil.FaultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
 	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)

@@ -17,39 +17,11 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
 // *blockif.Disk is the backend the server is built for.
 var _ Backend = (*blockif.Disk)(nil)
-
-// needTool returns the path of a peer tool. A missing tool skips the test,
-// except under CI=true, where the tools are installed on purpose and a
-// missing one is a failure.
-func needTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("peer tool %s missing under CI=true: %v", name, err)
-	}
-	t.Skipf("peer tool %s not installed (apt-get install qemu-utils libnbd-bin python3-libnbd)", name)
-	return ""
-}
-
-// needPython returns /usr/bin/python3 if it has the libnbd bindings.
-func needPython(t testing.TB) string {
-	t.Helper()
-	py := "/usr/bin/python3"
-	if err := exec.Command(py, "-c", "import nbd").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("python3 nbd module missing under CI=true: %v", err)
-		}
-		t.Skipf("python3-libnbd not installed: %v", err)
-	}
-	return py
-}
 
 // newImage creates a sparse blockif image in a temporary directory, opens
 // it, and registers cleanups that close it and then fail the test on any
@@ -115,7 +87,7 @@ const (
 // TestQemuIO drives qemu-io's pattern writes and reads against an image
 // whose 1 MiB segments make I/O straddle segment boundaries.
 func TestQemuIO(t *testing.T) {
-	qio := needTool(t, "qemu-io")
+	qio := testutil.NeedTool(t, "qemu-io")
 	for _, sector := range []int64{512, 4096} {
 		t.Run(fmt.Sprintf("sector%d", sector), func(t *testing.T) {
 			d := newImage(t, 64*mib, mib, sector, false)
@@ -175,7 +147,7 @@ func TestQemuIO(t *testing.T) {
 
 // TestQemuImg: info, convert in and out, compare and map against nbd://.
 func TestQemuImg(t *testing.T) {
-	qimg := needTool(t, "qemu-img")
+	qimg := testutil.NeedTool(t, "qemu-img")
 	d := newImage(t, 32*mib, mib, 4096, false)
 	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
 	u := uri(addr, "disk")
@@ -242,7 +214,7 @@ func TestQemuImg(t *testing.T) {
 // TestNbdinfo: --list, --map of a 20 GiB image with three written ranges,
 // and --can/--is for every advertised flag.
 func TestNbdinfo(t *testing.T) {
-	ni := needTool(t, "nbdinfo")
+	ni := testutil.NeedTool(t, "nbdinfo")
 	big := newImage(t, 20*gib, gib, 4096, false)
 	ro := newImage(t, 16*mib, mib, 4096, true)
 	_, addr := startServer(t, Config{},
@@ -331,7 +303,7 @@ func TestNbdinfo(t *testing.T) {
 // TestNbdcopy copies 256 MiB of random data into an export and back out,
 // with one and with four connections (multi-conn).
 func TestNbdcopy(t *testing.T) {
-	nc := needTool(t, "nbdcopy")
+	nc := testutil.NeedTool(t, "nbdcopy")
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
 	buf := make([]byte, 256*mib)
@@ -465,7 +437,7 @@ print("ok")
 `
 
 func TestLibnbd(t *testing.T) {
-	py := needPython(t)
+	py := testutil.NeedPython(t)
 	d := newImage(t, 64*mib, mib, 4096, false)
 	ro := newImage(t, 16*mib, mib, 4096, true)
 	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d}, Export{Name: "ro", Backend: ro})
@@ -481,7 +453,7 @@ func TestLibnbd(t *testing.T) {
 // RSA (the common case, which Go's TLS 1.3 certificate request made GnuTLS
 // withhold; see ServerTLSConfig).
 func TestLibnbdTLS(t *testing.T) {
-	py := needPython(t)
+	py := testutil.NeedPython(t)
 	script := filepath.Join(t.TempDir(), "tls.py")
 	os.WriteFile(script, []byte(libnbdTLSScript), 0o644)
 	for _, c := range []struct {

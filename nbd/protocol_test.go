@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
 func TestErrnoFor(t *testing.T) {
@@ -198,7 +199,9 @@ func TestHandshakeExportName(t *testing.T) {
 
 func TestHandshakeDrops(t *testing.T) {
 	m := newMem(1<<20, 4096)
-	_, addr := startServer(t, Config{HandshakeTimeout: 500 * time.Millisecond}, Export{Name: "disk", Backend: m})
+	// No test waits for this timeout: each close below is the server
+	// dropping the client for what it sent, not the timer.
+	_, addr := startServer(t, Config{HandshakeTimeout: 10 * time.Minute}, Export{Name: "disk", Backend: m})
 	t.Run("unknown client flags", func(t *testing.T) {
 		c := dial(t, addr)
 		c.hello(1 << 7)
@@ -223,9 +226,14 @@ func TestHandshakeDrops(t *testing.T) {
 		c.expectClosed()
 	})
 	t.Run("handshake timeout", func(t *testing.T) {
+		_, addr := startServer(t, Config{HandshakeTimeout: 500 * time.Millisecond}, Export{Name: "disk", Backend: m})
+		start := time.Now() // before the server can start its timer
 		c := dial(t, addr)
 		c.hello(clientFixedNewstyle)
 		c.expectClosed() // silent client is cut after HandshakeTimeout
+		if d := time.Since(start); d < 500*time.Millisecond {
+			t.Fatalf("closed after %v, before the handshake timeout", d)
+		}
 	})
 	t.Run("truncated option", func(t *testing.T) {
 		c := dial(t, addr)
@@ -497,7 +505,10 @@ func TestParallelRequests(t *testing.T) {
 func TestInFlightBound(t *testing.T) {
 	m := newMem(1<<20, 4096)
 	var cur, peak atomic.Int64
+	full := make(chan struct{}) // closed once 3 reads run at once
+	var once sync.Once
 	m.readHook = func(int64) error {
+		defer cur.Add(-1)
 		n := cur.Add(1)
 		for {
 			p := peak.Load()
@@ -505,8 +516,15 @@ func TestInFlightBound(t *testing.T) {
 				break
 			}
 		}
-		time.Sleep(5 * time.Millisecond)
-		cur.Add(-1)
+		if n >= 3 {
+			once.Do(func() { close(full) })
+		}
+		// Every read waits until the bound is reached, so a server
+		// admitting fewer than 3 at once never gets there.
+		select {
+		case <-full:
+		case <-time.After(testutil.WaitTimeout):
+		}
 		return nil
 	}
 	_, addr := startServer(t, Config{MaxInFlight: 3}, Export{Name: "d", Backend: m})
@@ -522,8 +540,8 @@ func TestInFlightBound(t *testing.T) {
 			t.Fatalf("errno %d", errno)
 		}
 	}
-	if p := peak.Load(); p > 3 || p < 2 {
-		t.Fatalf("peak parallel requests %d, want 2..3", p)
+	if p := peak.Load(); p != 3 {
+		t.Fatalf("peak parallel requests %d, want 3", p)
 	}
 }
 
@@ -568,22 +586,16 @@ func TestMaxConnections(t *testing.T) {
 	_, addr := startServer(t, Config{MaxConnections: 1}, Export{Name: "d", Backend: m})
 	a := dial(t, addr)
 	a.connect("d", connectOpts{})
-	b := dial(t, addr)
-	b.expectClosed()
+	expectRefused(t, addr)
 	a.request(cmdDisc, 0, 1, 0, 0, nil)
 	a.expectClosed()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	// The slot is released before the socket closes, so a client that
+	// reconnects as soon as it sees EOF is admitted.
+	for range 3 {
 		c := dial(t, addr)
-		g := make([]byte, 18)
-		_ = c.nc.SetReadDeadline(time.Now().Add(time.Second))
-		if _, err := c.nc.Read(g); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("slot not released after disconnect")
-		}
-		time.Sleep(20 * time.Millisecond)
+		c.hello(clientFixedNewstyle | clientNoZeroes)
+		c.expect(optAbort, nil, repAck)
+		c.expectClosed()
 	}
 }
 
@@ -591,10 +603,10 @@ func TestMaxConnections(t *testing.T) {
 // received, answers it, flushes and closes.
 func TestShutdownFinishesInFlight(t *testing.T) {
 	m := newMem(1<<20, 4096)
-	started := make(chan struct{})
+	started, release := make(chan struct{}), make(chan struct{})
 	m.writeHook = func(int64) error {
 		close(started)
-		time.Sleep(200 * time.Millisecond)
+		<-release // until Shutdown has begun
 		return nil
 	}
 	s, err := NewServer(Config{}, Export{Name: "d", Backend: m})
@@ -613,14 +625,24 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	idle.hello(clientFixedNewstyle)
 	c.request(cmdWrite, 0, 1, 0, 4, []byte("last"))
 	<-started
-	if err := s.Shutdown(context.Background()); err != nil {
+	shut := make(chan error, 1)
+	go func() { shut <- s.Shutdown(context.Background()) }()
+	testutil.WaitFor(t, "Shutdown to begin", s.isClosing)
+	// The handshaking connection is cut at once, the write still runs.
+	idle.expectClosed()
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned (%v) while a write was in flight", err)
+	default:
+	}
+	close(release)
+	if err := <-shut; err != nil {
 		t.Fatal(err)
 	}
 	if errno, _, _ := c.simpleReply(0); errno != 0 {
 		t.Fatalf("in-flight write errno %d", errno)
 	}
 	c.expectClosed()
-	idle.expectClosed()
 	if err := <-served; !errors.Is(err, ErrServerClosed) {
 		t.Fatalf("Serve: %v", err)
 	}
@@ -643,14 +665,17 @@ func TestFlusherGroupCommit(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() { defer wg.Done(); f.Flush() }()
-	for calls.Load() == 0 {
-		time.Sleep(time.Millisecond)
-	}
+	testutil.WaitFor(t, "the first flush to start", func() bool { return calls.Load() == 1 })
 	for i := 0; i < 20; i++ {
 		wg.Add(1)
 		go func() { defer wg.Done(); f.Flush() }()
 	}
-	time.Sleep(50 * time.Millisecond)
+	// All 20 queue behind the running flush before it ends.
+	testutil.WaitFor(t, "20 callers waiting", func() bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.waiting == 20
+	})
 	close(gate)
 	wg.Wait()
 	if n := calls.Load(); n != 2 {
@@ -694,13 +719,15 @@ func TestIdleTimeout(t *testing.T) {
 	_, addr := startServer(t, Config{IdleTimeout: 200 * time.Millisecond}, Export{Name: "d", Backend: m})
 	c := dial(t, addr)
 	c.connect("d", connectOpts{})
+	// The idle timer restarts after each request is read, so the close
+	// cannot come sooner than the timeout after the request is sent.
+	start := time.Now()
 	c.request(cmdFlush, 0, 1, 0, 0, nil)
 	if errno, _, _ := c.simpleReply(0); errno != 0 {
 		t.Fatalf("flush errno %d", errno)
 	}
-	start := time.Now()
 	c.expectClosed()
-	if d := time.Since(start); d < 100*time.Millisecond {
+	if d := time.Since(start); d < 200*time.Millisecond {
 		t.Fatalf("closed after %v, before the idle timeout", d)
 	}
 }

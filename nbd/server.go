@@ -381,9 +381,13 @@ func (s *Server) ServeConn(nc net.Conn) {
 	go func() {
 		defer s.wg.Done()
 		defer func() {
+			// The slot is free before the socket closes: a client that
+			// sees EOF and reconnects at once is never refused for the
+			// connection it just ended.
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
+			c.rw().Close()
 		}()
 		tuneLoopback(nc)
 		c.serve()
@@ -481,6 +485,7 @@ type flusher struct {
 	running   bool
 	errGen    uint64 // generation of the last failed flush
 	err       error  // its error
+	waiting   int    // callers waiting for a running flush (tests observe it)
 }
 
 // Flush returns once a backend flush that began after this call finished.
@@ -495,7 +500,9 @@ func (f *flusher) Flush() error {
 	want := f.started + 1
 	for f.completed < want {
 		if f.running {
+			f.waiting++
 			f.cond.Wait()
+			f.waiting--
 			continue
 		}
 		f.running = true

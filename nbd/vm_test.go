@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
 // vmInit is the guest's /init: load the virtio and ext4 modules, mount the
@@ -98,19 +100,16 @@ func TestVMOnExport(t *testing.T) {
 	if testing.Short() {
 		t.Skip("VM boot skipped in -short mode")
 	}
-	qemu := needTool(t, "qemu-system-x86_64")
-	mkfs := needTool(t, "mkfs.ext4")
-	e2fsck := needTool(t, "e2fsck")
-	debugfs := needTool(t, "debugfs")
+	qemu := testutil.NeedTool(t, "qemu-system-x86_64")
+	mkfs := testutil.NeedTool(t, "mkfs.ext4")
+	e2fsck := testutil.NeedTool(t, "e2fsck")
+	debugfs := testutil.NeedTool(t, "debugfs")
 	busybox := "/bin/busybox"
 	kdir := vmKernelDir()
 	kernels, _ := filepath.Glob(filepath.Join(kdir, "boot", "vmlinuz-*"))
 	if !staticELF(busybox) || len(kernels) == 0 {
 		msg := fmt.Sprintf("VM test needs busybox-static (a static %s) and a Debian kernel unpacked in %s (nbd/testdata/vm/fetch-kernel.sh)", busybox, kdir)
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testutil.Unavailable(t, "%s", msg)
 	}
 	kernel := kernels[0]
 	modDir := filepath.Join(kdir, "lib", "modules", strings.TrimPrefix(filepath.Base(kernel), "vmlinuz-"), "kernel")
