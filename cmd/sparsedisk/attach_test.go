@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
 func TestAttachArgs(t *testing.T) {
@@ -91,27 +92,30 @@ func TestAttachDetach(t *testing.T) {
 
 // attachChild runs `sparsedisk attach IMAGE DEV` as a child process and
 // waits until it reports the device attached.
-func attachChild(t *testing.T, img, dev string) (*exec.Cmd, string, *syncBuffer) {
+func attachChild(t *testing.T, img, dev string) (*exec.Cmd, string, *testutil.SyncBuffer) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$", "--", "attach", img, dev)
-	cmd.Env = append(os.Environ(), "SPARSEDISK_HELPER=1")
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	cmd := testutil.ChildCommand(childSparsedisk, nil, "attach", img, dev)
+	stdout, stderr := &testutil.SyncBuffer{}, &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
+			// Detach gracefully; kill only if it does not exit.
 			cmd.Process.Signal(syscall.SIGTERM)
-			time.Sleep(time.Second)
-			cmd.Process.Kill()
-			cmd.Wait()
+			exited := make(chan struct{})
+			go func() { cmd.Wait(); close(exited) }()
+			select {
+			case <-exited:
+			case <-time.After(testutil.WaitTimeout):
+				cmd.Process.Kill()
+				<-exited
+			}
 		}
 	})
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stdout.String(), "attached"); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("attach did not report success\nstderr:\n%s", stderr)
-		}
+	if err := testutil.Await(testutil.WaitTimeout, func() bool { return strings.Contains(stdout.String(), "attached") }); err != nil {
+		t.Fatalf("attach did not report success: %v\nstderr:\n%s", err, stderr)
 	}
 	return cmd, stdout.String(), stderr
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -205,7 +206,7 @@ func kfRounds() int {
 // SPARSEDISK_KILL_ROUNDS sets the rounds (default 10), SPARSEDISK_KILL_SEED
 // replays a seed.
 func TestKillCrashFUSE(t *testing.T) {
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	rounds := kfRounds()
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("SPARSEDISK_KILL_SEED"); s != "" {

@@ -169,8 +169,18 @@ const childEnv = "SPARSEDISK_TEST_CHILD"
 // from TestMain before m.Run.
 func ChildRole() string { return os.Getenv(childEnv) }
 
+// ChildArgs returns the arguments ChildCommand passed to this child.
+func ChildArgs() []string {
+	for i, a := range os.Args {
+		if a == "--" {
+			return os.Args[i+1:]
+		}
+	}
+	return nil
+}
+
 // ChildCommand returns a command that re-executes the test binary as role
-// with args (read them with flag.Args() after flag.Parse, or os.Args), and
+// with args (ChildArgs returns them in the child), and
 // env added to the environment; TestMain dispatches on ChildRole. The
 // binary runs no tests (-test.run matches nothing).
 func ChildCommand(role string, env []string, args ...string) *exec.Cmd {

@@ -14,7 +14,7 @@ func TestMain(m *testing.M) {
 	case "":
 		os.Exit(m.Run())
 	case "echo":
-		os.Stdout.WriteString(strings.Join(os.Args[len(os.Args)-2:], " "))
+		os.Stdout.WriteString(strings.Join(ChildArgs(), " "))
 		os.Exit(0)
 	}
 	os.Exit(3)
@@ -49,9 +49,9 @@ func TestUnavailable(t *testing.T) {
 }
 
 func TestChildCommand(t *testing.T) {
-	out, err := ChildCommand("echo", nil, "a", "b").Output()
-	if err != nil || string(out) != "a b" {
-		t.Fatalf("child printed %q, %v; want \"a b\"", out, err)
+	out, err := ChildCommand("echo", nil, "a", "--", "b").Output()
+	if err != nil || string(out) != "a -- b" {
+		t.Fatalf("child printed %q, %v; want \"a -- b\"", out, err)
 	}
 }
 
