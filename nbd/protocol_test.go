@@ -14,6 +14,10 @@ import (
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
+// TestErrnoFor checks the error each failure is answered with against the
+// numeric values of the NBD protocol specification (doc/proto.md in the
+// NetworkBlockDevice/nbd project, section "Error values"), written out
+// here rather than taken from the server's own constants.
 func TestErrnoFor(t *testing.T) {
 	wrap := func(err error) error { return errors.Join(errors.New("context"), err) }
 	tests := []struct {
@@ -23,26 +27,26 @@ func TestErrnoFor(t *testing.T) {
 		want uint32
 	}{
 		{"nil", cmdRead, nil, 0},
-		{"engine read-only", cmdWrite, blockif.ErrReadOnly, errnoPerm},
-		{"export read-only", cmdTrim, ErrReadOnly, errnoPerm},
-		{"read out of range", cmdRead, blockif.ErrOutOfRange, errnoInval},
-		{"trim out of range", cmdTrim, ErrOutOfRange, errnoInval},
-		{"status out of range", cmdBlockStatus, ErrOutOfRange, errnoInval},
-		{"write past end", cmdWrite, blockif.ErrOutOfRange, errnoNoSpc},
-		{"write zeroes past end", cmdWriteZeroes, ErrOutOfRange, errnoNoSpc},
-		{"disk full", cmdWrite, wrap(syscall.ENOSPC), errnoNoSpc},
-		{"quota", cmdWrite, syscall.EDQUOT, errnoNoSpc},
-		{"file too big", cmdWrite, syscall.EFBIG, errnoNoSpc},
-		{"corrupt", cmdRead, wrap(blockif.ErrCorrupt), errnoIO},
-		{"os eio", cmdRead, syscall.EIO, errnoIO},
-		{"unknown", cmdFlush, errors.New("boom"), errnoIO},
-		{"unaligned", cmdWrite, ErrUnaligned, errnoInval},
-		{"bad flags", cmdRead, ErrInvalidRequest, errnoInval},
-		{"engine invalid", cmdTrim, blockif.ErrInvalid, errnoInval},
-		{"read too large", cmdRead, ErrTooLarge, errnoOverflow},
-		{"fast zero", cmdWriteZeroes, ErrNotFast, errnoNotSup},
-		{"shutdown", cmdWrite, ErrShutdown, errnoShutdown},
-		{"closed disk", cmdRead, blockif.ErrClosed, errnoShutdown},
+		{"engine read-only", cmdWrite, blockif.ErrReadOnly, 1 /* NBD_EPERM */},
+		{"export read-only", cmdTrim, ErrReadOnly, 1 /* NBD_EPERM */},
+		{"read out of range", cmdRead, blockif.ErrOutOfRange, 22 /* NBD_EINVAL */},
+		{"trim out of range", cmdTrim, ErrOutOfRange, 22 /* NBD_EINVAL */},
+		{"status out of range", cmdBlockStatus, ErrOutOfRange, 22 /* NBD_EINVAL */},
+		{"write past end", cmdWrite, blockif.ErrOutOfRange, 28 /* NBD_ENOSPC */},
+		{"write zeroes past end", cmdWriteZeroes, ErrOutOfRange, 28 /* NBD_ENOSPC */},
+		{"disk full", cmdWrite, wrap(syscall.ENOSPC), 28 /* NBD_ENOSPC */},
+		{"quota", cmdWrite, syscall.EDQUOT, 28 /* NBD_ENOSPC */},
+		{"file too big", cmdWrite, syscall.EFBIG, 28 /* NBD_ENOSPC */},
+		{"corrupt", cmdRead, wrap(blockif.ErrCorrupt), 5 /* NBD_EIO */},
+		{"os eio", cmdRead, syscall.EIO, 5 /* NBD_EIO */},
+		{"unknown", cmdFlush, errors.New("boom"), 5 /* NBD_EIO */},
+		{"unaligned", cmdWrite, ErrUnaligned, 22 /* NBD_EINVAL */},
+		{"bad flags", cmdRead, ErrInvalidRequest, 22 /* NBD_EINVAL */},
+		{"engine invalid", cmdTrim, blockif.ErrInvalid, 22 /* NBD_EINVAL */},
+		{"read too large", cmdRead, ErrTooLarge, 75 /* NBD_EOVERFLOW */},
+		{"fast zero", cmdWriteZeroes, ErrNotFast, 95 /* NBD_ENOTSUP */},
+		{"shutdown", cmdWrite, ErrShutdown, 108 /* NBD_ESHUTDOWN */},
+		{"closed disk", cmdRead, blockif.ErrClosed, 108 /* NBD_ESHUTDOWN */},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
