@@ -579,6 +579,8 @@ func TestKillCrashNBD(t *testing.T) {
 		st.trims.Load(), st.zeroes.Load(), st.reads.Load())
 	t.Logf("requests in flight at the kills %d, kills during reopen %d, sectors verified %d, violations %d, leaked slots at the end %d",
 		st.inFlightAtKill, st.killsInReopen, st.sectorsVerified, st.violations, r.LeakedSlots)
+	testutil.Figure("TestKillCrashNBD", "%d rounds, %d writes acknowledged, %d flushes, %d requests in flight at the kills, %d kills during a reopen, %d sectors verified, %d violations",
+		rounds, st.writes.Load(), st.flushes.Load(), st.inFlightAtKill, st.killsInReopen, st.sectorsVerified, st.violations)
 	if st.violations != 0 {
 		t.Errorf("%d violations of the durability contract", st.violations)
 	}

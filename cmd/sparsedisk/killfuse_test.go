@@ -312,4 +312,6 @@ func TestKillCrashFUSE(t *testing.T) {
 	}
 	t.Logf("%d rounds in %v: %d writes sent (%d acknowledged), %d fsyncs completed, %d SIGKILLs, %d stale mounts cleared by `sparsedisk umount`, %d non-zero sectors verified, check: %d corruptions, %d leaked slots; violations=%d",
 		rounds, time.Since(start).Round(time.Millisecond), totalWrites, totalAcked, totalFsyncs, rounds, staleUmounts, totalVerified, r.Corruptions, r.LeakedSlots, totalViolations)
+	testutil.Figure("TestKillCrashFUSE", "%d rounds, %d writes acknowledged, %d fsyncs, %d stale mounts cleared, %d sectors verified, %d violations",
+		rounds, totalAcked, totalFsyncs, staleUmounts, totalVerified, totalViolations)
 }

@@ -188,3 +188,12 @@ func ChildCommand(role string, env []string, args ...string) *exec.Cmd {
 	cmd.Env = append(append(os.Environ(), childEnv+"="+role), env...)
 	return cmd
 }
+
+// Figure prints a long test's summary line to standard output, where `go
+// test` passes it through without -v, as "figures: TEST: SUMMARY".
+// scripts/testing-figures.sh collects these lines from the log of one run
+// into the figures block of TESTING.md, so that the figures quoted there
+// are a run's own output, never typed by hand.
+func Figure(test, format string, args ...any) {
+	fmt.Printf("figures: %s: %s\n", test, fmt.Sprintf(format, args...))
+}
