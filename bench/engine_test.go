@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // target is something that takes pwrite/pread: the engine or a plain file.
@@ -41,7 +42,7 @@ func flushOf(t target) error {
 func openBoth(b *testing.B, size int64) (disk, raw target) {
 	dir := b.TempDir()
 	path := filepath.Join(dir, "disk.img")
-	if err := blockif.Create(path, blockif.Params{Size: size, Split: 1 << 30, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Size: size, Split: 1 << 30, SectorSize: 4096}, nil); err != nil {
 		b.Fatal(err)
 	}
 	d, err := blockif.Open(path, nil)
@@ -162,7 +163,7 @@ func Benchmark4K(b *testing.B) {
 // reported. Targets: under 50 MiB and under 1 s.
 func BenchmarkOpen1TiB(b *testing.B) {
 	path := filepath.Join(b.TempDir(), "big.img")
-	if err := blockif.Create(path, blockif.Params{Size: 1 << 40, Split: 1 << 30, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Size: 1 << 40, Split: 1 << 30, SectorSize: 4096}, nil); err != nil {
 		b.Fatal(err)
 	}
 	d, err := blockif.Open(path, nil)

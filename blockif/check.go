@@ -3,15 +3,14 @@ package blockif
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
-	"sort"
-	"strconv"
+	"slices"
 	"strings"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -24,6 +23,29 @@ const (
 	Leak FindingKind = "leak"
 	// Corruption: an inconsistency that can return wrong data or lose it.
 	Corruption FindingKind = "corruption"
+	// Advice: nothing is wrong, but the image costs more than it should:
+	// a segment file's apparent size far beyond its live data (bloat), or
+	// slots far out of logical order (fragmentation). The message names
+	// the command that fixes it (`sparsedisk shrink IMAGE`). Advice does
+	// not make a Report unclean, and `check` still exits 0 for it.
+	Advice FindingKind = "advice"
+)
+
+// Thresholds of the Advice findings.
+const (
+	// A segment is bloated when its file holds more than
+	// max(bloatMinSlack, split/4, live/4) bytes of slots beyond its live
+	// ones: apparent size that a shrink (or the online compactor) gives
+	// back.
+	bloatMinSlack = 64 << 20
+	// A segment whose append cursor has used more than this share of the
+	// slot numbers a LUT entry can hold is reported whatever its bloat:
+	// once they run out, writes to it fail.
+	slotNumbersWarn = 0.5
+	// An image is fragmented when at least fragMinBreaks allocated
+	// sectors, and more than a quarter of them, do not follow their
+	// logical predecessor's slot.
+	fragMinBreaks = 256
 )
 
 // Finding is one problem found by Check. Segment, Sector and Slot are -1
@@ -34,7 +56,7 @@ type Finding struct {
 	Segment int         `json:"segment"`
 	Sector  int64       `json:"sector"`
 	Slot    int64       `json:"slot"`
-	Count   int64       `json:"count"` // slots or sectors concerned, from Slot/Sector on
+	Count   int64       `json:"count"` // slots or sectors concerned, from Slot/Sector on (Advice: excess slots, or fragment breaks)
 	Message string      `json:"message"`
 }
 
@@ -50,7 +72,7 @@ func (f Finding) String() string {
 	if f.Slot >= 0 {
 		fmt.Fprintf(&b, " slot %d", f.Slot)
 	}
-	if f.Count > 1 {
+	if f.Count > 1 && f.Kind != Advice {
 		fmt.Fprintf(&b, " (+%d more)", f.Count-1)
 	}
 	fmt.Fprintf(&b, ": %s", f.Message)
@@ -62,12 +84,14 @@ func (f Finding) String() string {
 
 // Report is the result of Check.
 type Report struct {
-	Image       string    `json:"image"`
-	Layout      Layout    `json:"layout"`
-	Findings    []Finding `json:"findings"`
-	Corruptions int       `json:"corruptions"`
-	Leaks       int       `json:"leaks"`
-	LeakedSlots int64     `json:"leaked_slots"`
+	Image       string        `json:"image"`
+	Layout      format.Layout `json:"layout"`
+	Findings    []Finding     `json:"findings"`
+	Corruptions int           `json:"corruptions"`
+	Leaks       int           `json:"leaks"`
+	// Advice counts Advice findings (bloat, fragmentation).
+	Advice      int   `json:"advice"`
+	LeakedSlots int64 `json:"leaked_slots"`
 	// AllocatedSectors counts LUT entries that reference a slot.
 	AllocatedSectors int64 `json:"allocated_sectors"`
 	// Slots counts slots in all segment files (live, leaked or punched).
@@ -75,10 +99,15 @@ type Report struct {
 	// Fragments counts places where logically consecutive allocated
 	// sectors do not sit in consecutive slots (0 after shrink).
 	Fragments int64 `json:"fragments"`
+	// Geometry is set when the descriptor disagrees with the files (see
+	// [CrossExamine]); the report then holds that one finding, as nothing
+	// else can be judged under a geometry that cannot be trusted.
+	Geometry *Geometry `json:"geometry,omitempty"`
 }
 
-// Clean tells whether nothing at all was found.
-func (r *Report) Clean() bool { return len(r.Findings) == 0 }
+// Clean tells whether nothing needs repair: no corruption and no leak
+// (Advice findings may be present).
+func (r *Report) Clean() bool { return r.Corruptions == 0 && r.Leaks == 0 }
 
 func (r *Report) add(f Finding) {
 	switch f.Kind {
@@ -87,6 +116,8 @@ func (r *Report) add(f Finding) {
 	case Leak:
 		r.Leaks++
 		r.LeakedSlots += max(f.Count, 1)
+	case Advice:
+		r.Advice++
 	}
 	r.Findings = append(r.Findings, f)
 }
@@ -100,20 +131,74 @@ func (r *Report) firstCorruption() string {
 	return ""
 }
 
-// Check opens the image at path read-only (shared lock) and checks it
-// without changing a byte. Unlike Open it reports a broken image through
-// the Report where it can (missing segments, bad LUT entries, a truncated
-// LUT) instead of failing.
+// Check is the one consistency check of an image, run by `sparsedisk
+// check`, by the offline tools' tests and in the cleanup of every engine
+// test. It opens the image at path read-only (shared lock) and checks it
+// without changing a byte: every LUT entry against its segment file, slots
+// shared by two entries, unreferenced slots holding data (leaks), segment
+// files beyond the geometry, an unfinished offline operation recorded in
+// the descriptor, and a LUT longer than the disk's sectors. Unlike Open it
+// reports a broken image through the Report where it can (missing
+// segments, bad LUT entries, a truncated LUT, an unparsable descriptor)
+// instead of failing. Of o, only FS, Logger, ForceShare and Progress are
+// used.
 func Check(path string, o *Options) (*Report, error) {
+	fsys := o.fs()
+	if desc, err := format.ReadDescriptor(fsys, path); err == nil {
+		// Cross-examine the descriptor first: under a wrong geometry every
+		// later finding would be misleading, and its repair destructive.
+		g, err := CrossExamine(fsys, path, desc)
+		if err != nil {
+			return nil, fmt.Errorf("check %s: %w", path, err)
+		}
+		if !g.Trusted() {
+			r := &Report{Image: path, Layout: desc.Layout, Geometry: g}
+			for i, msg := range g.Disagreements {
+				r.add(Finding{Kind: Corruption, File: g.Files[i], Segment: -1, Sector: -1, Slot: -1, Count: 1,
+					Message: "the descriptor disagrees with the files: " + msg})
+			}
+			intentFinding(r, path, desc)
+			return r, nil
+		}
+	}
+	r, err := checkFiles(path, o)
+	if err != nil {
+		return nil, err
+	}
+	desc, err := format.ReadDescriptor(fsys, path)
+	if err != nil {
+		return r, nil // raw image, or a descriptor already reported
+	}
+	intentFinding(r, path, desc)
+	if desc.Layout == format.LayoutSparse {
+		if fi, err := fsys.Stat(format.LUTName(path)); err == nil && fi.Size() > desc.Sectors()*lut.EntrySize {
+			r.add(Finding{Kind: Corruption, File: format.LUTName(path), Segment: -1, Sector: desc.Sectors(), Slot: -1, Count: 1,
+				Message: fmt.Sprintf("LUT is %d bytes, longer than the %d entries the size needs", fi.Size(), desc.Sectors())})
+		}
+	}
+	return r, nil
+}
+
+// intentFinding reports an unfinished offline operation.
+func intentFinding(r *Report, path string, desc format.Descriptor) {
+	if desc.Intent != "" {
+		r.add(Finding{Kind: Corruption, File: path, Segment: -1, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("unfinished offline operation %q; `check -r all`, opening for writing, or repeating it finishes it", desc.Intent)})
+	}
+}
+
+// checkFiles is the part of Check that opens the image: the files and
+// every LUT entry, through an open Disk (see [Disk.check]).
+func checkFiles(path string, o *Options) (*Report, error) {
 	oo := Options{ReadOnly: true, NoDirtyCheck: true}
 	var progress func(done, total int64)
 	if o != nil {
-		oo.FS, oo.Logger, progress = o.FS, o.Logger, o.Progress
+		oo.FS, oo.Logger, progress, oo.ForceShare = o.FS, o.Logger, o.Progress, o.ForceShare
 	}
 	fsys := oo.fs()
 	if fi, err := fsys.Stat(path); err == nil {
-		if isDesc, _ := isDescriptor(fsys, path, fi.Size()); isDesc {
-			if _, err := ReadDescriptor(fsys, path); errors.Is(err, ErrInvalid) {
+		if isDesc, _ := format.IsDescriptor(fsys, path, fi.Size()); isDesc {
+			if _, err := format.ReadDescriptor(fsys, path); errors.Is(err, ErrInvalid) {
 				// A descriptor (segments or a LUT lie beside it) that
 				// cannot be parsed: the image is corrupt, not merely
 				// uncheckable.
@@ -130,7 +215,7 @@ func Check(path string, o *Options) (*Report, error) {
 		}
 		// Structural corruption: report it from the descriptor alone,
 		// one finding per problem, so a repair plan sees all of them.
-		desc, derr := ReadDescriptor(fsys, path)
+		desc, derr := format.ReadDescriptor(fsys, path)
 		if derr != nil {
 			return nil, err
 		}
@@ -146,111 +231,178 @@ func Check(path string, o *Options) (*Report, error) {
 		return nil, err
 	}
 	defer d.leave()
-	return d.check(nil, progress)
+	return d.check(progress)
 }
 
-// Check checks the open image: every LUT entry against its segment file,
-// slots shared by two entries, unreferenced slots holding data (leaks),
-// and segment files beyond the geometry. On a Disk with writes in flight
-// the result may include findings that are only transient.
-func (d *Disk) Check() (*Report, error) {
-	if err := d.enter(); err != nil {
-		return nil, err
-	}
-	defer d.leave()
-	return d.check(nil, nil)
-}
-
-// check walks every segment; visit, if not nil, is called for each
-// segment's entries (a copy) and the file's slot count, progress (if not
-// nil) after each segment with the bytes of the disk covered so far.
-func (d *Disk) check(visit func(s *seg, e []uint32, fileSlots int64), progress func(done, total int64)) (*Report, error) {
+// check walks every segment, progress (if not nil) after each with the
+// bytes of the disk covered so far.
+//
+// Its cost follows the data, not the disk's or the files' apparent size:
+// a segment's entries come from its loaded part or from a scan of the LUT
+// that skips unallocated pages and holes (lut.Table.Scan), it keeps only
+// the allocated entries (8 bytes each), and it looks for leaks only in
+// the data regions of the segment file (SEEK_DATA/SEEK_HOLE), reading
+// only unreferenced slots there.
+func (d *Disk) check(progress func(done, total int64)) (*Report, error) {
 	r := &Report{Image: d.path, Layout: d.desc.Layout}
-	if d.desc.Layout == LayoutRaw {
+	if d.desc.Layout == format.LayoutRaw {
 		return r, nil
 	}
 	d.checkExtraSegments(r)
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		return r, nil
 	}
-	ss := d.desc.SectorSize
+	var allocated, breaks int64
 	for _, s := range d.segs {
-		e, err := d.entries(s)
-		if err != nil {
+		if err := d.checkSegment(r, s, &breaks); err != nil {
 			return nil, err
-		}
-		size, err := s.Size()
-		if err != nil {
-			return nil, err
-		}
-		fileSlots := size / ss
-		first := int64(s.Index()) * (d.desc.Split / ss)
-		if size%ss != 0 {
-			r.add(Finding{Kind: Leak, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: fileSlots, Count: 1,
-				Message: fmt.Sprintf("segment file ends in a partial slot (%d bytes)", size%ss)})
-		}
-		r.Slots += (size + ss - 1) / ss
-		owner := make(map[uint32]int64, len(e))
-		used := make([]bool, fileSlots)
-		prev := int64(-1) // slot of the previous allocated sector; compact images start at slot 0
-		for j, v := range e {
-			if v == lut.Unallocated {
-				continue
-			}
-			r.AllocatedSectors++
-			if int64(v) != prev+1 {
-				r.Fragments++
-			}
-			prev = int64(v)
-			sector := first + int64(j)
-			if int64(v) >= fileSlots {
-				r.add(Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: sector, Slot: int64(v), Count: 1,
-					Message: fmt.Sprintf("LUT entry points past the end of the segment file (%d slots)", fileSlots)})
-				continue
-			}
-			if o, dup := owner[v]; dup {
-				r.add(Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: sector, Slot: int64(v), Count: 1,
-					Message: fmt.Sprintf("slot shared with sector %d", o)})
-				continue
-			}
-			owner[v] = sector
-			used[v] = true
-		}
-		if err := d.findLeaks(r, s, used); err != nil {
-			return nil, err
-		}
-		if visit != nil {
-			visit(s, e, fileSlots)
 		}
 		if progress != nil {
 			progress(min(int64(s.Index()+1)*d.desc.Split, d.desc.Size), d.desc.Size)
 		}
 	}
+	allocated = r.AllocatedSectors
+	if breaks >= fragMinBreaks && breaks*4 > allocated {
+		r.add(Finding{Kind: Advice, File: d.path, Segment: -1, Sector: -1, Slot: -1, Count: breaks,
+			Message: fmt.Sprintf("fragmented: %d of %d allocated sectors (%.0f%%) do not follow their predecessor's slot, so sequential reads are scattered; `sparsedisk shrink %s` rewrites the slots in order",
+				breaks, allocated, 100*float64(breaks)/float64(max(allocated, 1)), d.path)})
+	}
 	return r, nil
 }
 
-// entries returns a copy of segment s's LUT entries: from memory if
-// loaded, else read from the LUT file without validating or caching them.
-func (d *Disk) entries(s *seg) ([]uint32, error) {
+// mapping is one allocated LUT entry: sector j of its segment in slot v.
+type mapping struct{ j, v uint32 }
+
+// allocatedEntries returns segment s's allocated entries in sector order:
+// from its part if loaded, else scanned from the LUT file without loading
+// or caching the part.
+func (d *Disk) allocatedEntries(s *segState) ([]mapping, error) {
+	var m []mapping
 	s.mu.RLock()
-	if s.tab != nil {
-		e := append([]uint32(nil), s.tab.E...)
+	if s.part != nil {
+		for j, v := range s.part.Entries {
+			if v != lut.Unallocated {
+				m = append(m, mapping{uint32(j), v})
+			}
+		}
 		s.mu.RUnlock()
-		return e, nil
+		return m, nil
 	}
 	s.mu.RUnlock()
-	t, err := d.lut.Load(s.Index())
+	err := d.lut.Scan(s.Index(), func(j int64, v uint32) bool {
+		m = append(m, mapping{uint32(j), v})
+		return true
+	})
+	return m, err
+}
+
+// checkSegment checks segment s's entries and file, adding its findings
+// to r and its fragment breaks to *breaks.
+func (d *Disk) checkSegment(r *Report, s *segState, breaks *int64) error {
+	ss := d.desc.SectorSize
+	m, err := d.allocatedEntries(s)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	return t.E, nil
+	fi, err := d.fs.Stat(s.Path())
+	if err != nil {
+		return fmt.Errorf("stat segment %d: %w", s.Index(), err)
+	}
+	size := fi.Size()
+	fileSlots := size / ss
+	first := int64(s.Index()) * (d.desc.Split / ss)
+	if size%ss != 0 {
+		r.add(Finding{Kind: Leak, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: fileSlots, Count: 1,
+			Message: fmt.Sprintf("segment file ends in a partial slot (%d bytes)", size%ss)})
+	}
+	r.Slots += (size + ss - 1) / ss
+	r.AllocatedSectors += int64(len(m))
+	var bad []Finding // corruptions, reported in sector order
+	prev := int64(-1) // slot of the previous allocated sector; compact images start at slot 0
+	used := make([]mapping, 0, len(m))
+	for _, e := range m {
+		if int64(e.v) != prev+1 {
+			r.Fragments++
+			*breaks++
+		}
+		prev = int64(e.v)
+		if int64(e.v) >= fileSlots {
+			bad = append(bad, Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: first + int64(e.j), Slot: int64(e.v), Count: 1,
+				Message: fmt.Sprintf("LUT entry points past the end of the segment file (%d slots)", fileSlots)})
+			continue
+		}
+		used = append(used, e)
+	}
+	// Shared slots: sort by slot (then sector); the first sector of each
+	// slot owns it, the others share it.
+	slices.SortFunc(used, func(a, b mapping) int {
+		if a.v != b.v {
+			return int(int64(a.v) - int64(b.v))
+		}
+		return int(int64(a.j) - int64(b.j))
+	})
+	slots := make([]int64, 0, len(used)) // live slots, sorted
+	owner := uint32(0)
+	for k, e := range used {
+		if k > 0 && used[k-1].v == e.v {
+			bad = append(bad, Finding{Kind: Corruption, File: s.Path(), Segment: s.Index(), Sector: first + int64(e.j), Slot: int64(e.v), Count: 1,
+				Message: fmt.Sprintf("slot shared with sector %d", first+int64(owner))})
+			continue
+		}
+		owner = e.j
+		slots = append(slots, int64(e.v))
+	}
+	slices.SortFunc(bad, func(a, b Finding) int { return int(a.Sector - b.Sector) })
+	for _, f := range bad {
+		r.add(f)
+	}
+	if err := d.findLeaks(r, s, fileSlots, slots); err != nil {
+		return err
+	}
+	highest := int64(-1)
+	if len(m) > 0 {
+		highest = int64(slices.MaxFunc(m, func(a, b mapping) int { return int(int64(a.v) - int64(b.v)) }).v)
+	}
+	d.bloatFinding(r, s, size, int64(len(slots)), highest)
+	return nil
+}
+
+// bloatFinding reports a segment file much larger than its live data, or
+// one whose slot numbers are running out.
+func (d *Disk) bloatFinding(r *Report, s *segState, size, live, highest int64) {
+	ss := d.desc.SectorSize
+	apparent := (size + ss - 1) / ss
+	excess := (apparent - live) * ss
+	slack := max(bloatMinSlack, d.desc.Split/4, live*ss/4)
+	used := float64(max(apparent, highest+1)) / float64(maxSlot+1)
+	if excess <= slack && used <= slotNumbersWarn {
+		return
+	}
+	msg := fmt.Sprintf("segment file is %s apparent size for %s of live data (%d slots, %d live)",
+		format.HumanSize(size), format.HumanSize(live*ss), apparent, live)
+	if used > slotNumbersWarn {
+		msg += fmt.Sprintf("; it has used %.0f%% of the %d slot numbers a LUT entry holds, and writes to it fail once they run out", 100*used, maxSlot+1)
+	}
+	r.add(Finding{Kind: Advice, File: s.Path(), Segment: s.Index(), Sector: -1, Slot: -1, Count: apparent - live,
+		Message: msg + fmt.Sprintf("; `sparsedisk shrink %s` compacts it", d.path)})
 }
 
 // findLeaks reports runs of unreferenced slots that hold non-zero data.
-func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
+// slots are the live slots, sorted. Only the segment file's data regions
+// are visited (holes read as zeros: never a leak), and in them only the
+// slots no entry references are read.
+func (d *Disk) findLeaks(r *Report, s *segState, fileSlots int64, slots []int64) error {
+	if fileSlots == 0 {
+		return nil
+	}
 	ss := d.desc.SectorSize
-	buf := make([]byte, 1<<20)
-	per := int64(len(buf)) / ss
+	f, err := d.fs.OpenFile(s.Path(), os.O_RDONLY, 0)
+	if err != nil {
+		return fmt.Errorf("open segment %d: %w", s.Index(), err)
+	}
+	defer f.Close()
+	var buf []byte // allocated once there is something to read
+	per := int64(1<<20) / ss
 	var leakStart, leakCount int64 = -1, 0
 	emit := func() {
 		if leakCount > 0 {
@@ -259,32 +411,76 @@ func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
 		}
 		leakStart, leakCount = -1, 0
 	}
-	for a := int64(0); a < int64(len(used)); {
-		if used[a] {
-			emit()
-			a++
-			continue
+	// scan reads unreferenced slots [a, b) and records the non-zero ones.
+	scan := func(a, b int64) error {
+		if buf == nil {
+			buf = make([]byte, per*ss)
 		}
-		b := a
-		for b < int64(len(used)) && !used[b] && b-a < per {
-			b++
+		for a < b {
+			c := min(b-a, per)
+			chunk := buf[:c*ss]
+			n, err := f.ReadAt(chunk, a*ss)
+			if int64(n) != c*ss {
+				if err == nil || errors.Is(err, io.EOF) {
+					err = fmt.Errorf("%w: %s: file ends before slot %d", ErrCorrupt, s.Path(), a+c)
+				}
+				return fmt.Errorf("read segment %d at offset %d: %w", s.Index(), a*ss, err)
+			}
+			for k := a; k < a+c; k++ {
+				if isZero(chunk[(k-a)*ss : (k-a+1)*ss]) {
+					emit()
+					continue
+				}
+				if leakStart < 0 || leakStart+leakCount != k {
+					emit()
+					leakStart = k
+				}
+				leakCount++
+			}
+			a += c
 		}
-		chunk := buf[:(b-a)*ss]
-		if err := s.ReadSlotsStrict(chunk, a*ss); err != nil {
-			return err
+		return nil
+	}
+	next := 0 // first entry of slots not yet passed
+	for pos := int64(0); pos < fileSlots; {
+		dataOff, err := f.SeekData(pos * ss)
+		if errors.Is(err, io.EOF) {
+			break
 		}
-		for k := a; k < b; k++ {
-			if isZero(chunk[(k-a)*ss : (k-a+1)*ss]) {
+		if err != nil {
+			return fmt.Errorf("segment %d: %w", s.Index(), err)
+		}
+		holeOff, err := f.SeekHole(dataOff)
+		if errors.Is(err, io.EOF) {
+			holeOff = fileSlots * ss
+		} else if err != nil {
+			return fmt.Errorf("segment %d: %w", s.Index(), err)
+		}
+		a := max(pos, dataOff/ss)
+		b := min(fileSlots, (holeOff+ss-1)/ss)
+		if a > pos {
+			emit() // a hole in between
+		}
+		for next < len(slots) && slots[next] < a {
+			next++
+		}
+		for a < b {
+			if next < len(slots) && slots[next] == a {
 				emit()
+				a++
+				next++
 				continue
 			}
-			if leakStart < 0 || leakStart+leakCount != k {
-				emit()
-				leakStart = k
+			end := b
+			if next < len(slots) && slots[next] < b {
+				end = slots[next]
 			}
-			leakCount++
+			if err := scan(a, end); err != nil {
+				return err
+			}
+			a = end
 		}
-		a = b
+		pos = max(b, pos+1)
 	}
 	emit()
 	return nil
@@ -295,11 +491,11 @@ func (d *Disk) findLeaks(r *Report, s *seg, used []bool) error {
 // than their part of the disk, a missing LUT or one of the wrong length,
 // and segment files past the geometry (scanned up to the first index that
 // does not exist, as the FS seam has no directory listing).
-func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
+func structuralFindings(fsys vfs.FS, path string, desc format.Descriptor, r *Report) {
 	p := desc.Params
 	nseg := p.Segments()
 	for i := 0; i < nseg; i++ {
-		name := segment.Name(path, i)
+		name := format.SegmentName(path, i)
 		fi, err := fsys.Stat(name)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
@@ -307,12 +503,12 @@ func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
 				Message: fmt.Sprintf("segment file is missing (image has %d segments)", nseg)})
 		case err != nil:
 			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1, Message: err.Error()})
-		case p.Layout == LayoutSplit && fi.Size() > min(p.Split, p.Size-int64(i)*p.Split):
+		case p.Layout == format.LayoutSplit && fi.Size() > min(p.Split, p.Size-int64(i)*p.Split):
 			r.add(Finding{Kind: Corruption, File: name, Segment: i, Sector: -1, Slot: -1, Count: 1,
 				Message: fmt.Sprintf("segment file is %d bytes, longer than its %d", fi.Size(), min(p.Split, p.Size-int64(i)*p.Split))})
 		}
 	}
-	if p.Layout == LayoutSparse {
+	if p.Layout == format.LayoutSparse {
 		name := path + lut.Suffix
 		want := p.Sectors() * lut.EntrySize
 		fi, err := fsys.Stat(name)
@@ -326,71 +522,17 @@ func structuralFindings(fsys vfs.FS, path string, desc Descriptor, r *Report) {
 				Message: fmt.Sprintf("LUT is %d bytes, want %d (%d sectors × %d)", fi.Size(), want, p.Sectors(), lut.EntrySize)})
 		}
 	}
-	for _, x := range extraSegments(fsys, path, nseg) {
-		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, x.size)})
+	for _, x := range format.ExtraSegments(fsys, path, nseg) {
+		r.add(Finding{Kind: Corruption, File: x.Name, Segment: x.Index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", nseg, x.Size)})
 	}
-}
-
-// extraSegment is a segment file past an image's geometry.
-type extraSegment struct {
-	index int
-	name  string
-	size  int64
-}
-
-// extraSegments finds the segment files of the image at path with an
-// index of nseg or more, in index order; one trailing empty file at nseg
-// is xhyve's habit and not reported. Files are probed one index after the
-// other; on the operating system's file system the directory is also
-// listed, so a stray file after a gap in the numbering is found too.
-func extraSegments(fsys vfs.FS, path string, nseg int) []extraSegment {
-	var out []extraSegment
-	seen := map[int]bool{}
-	for i := nseg; ; i++ {
-		name := segment.Name(path, i)
-		fi, err := fsys.Stat(name)
-		if err != nil {
-			break
-		}
-		seen[i] = true
-		if fi.Size() == 0 && i == nseg {
-			continue
-		}
-		out = append(out, extraSegment{i, name, fi.Size()})
-	}
-	if _, ok := fsys.(vfs.OS); !ok {
-		return out
-	}
-	ents, err := os.ReadDir(filepath.Dir(path))
-	if err != nil {
-		return out
-	}
-	base := filepath.Base(path) + "."
-	for _, e := range ents {
-		rest, ok := strings.CutPrefix(e.Name(), base)
-		if !ok || len(rest) < 4 || strings.Trim(rest, "0123456789") != "" {
-			continue
-		}
-		i, err := strconv.Atoi(rest)
-		if err != nil || i < nseg || seen[i] || segment.Name(path, i) != filepath.Join(filepath.Dir(path), e.Name()) {
-			continue
-		}
-		fi, err := e.Info()
-		if err != nil || !fi.Mode().IsRegular() {
-			continue
-		}
-		out = append(out, extraSegment{i, segment.Name(path, i), fi.Size()})
-	}
-	sort.Slice(out, func(a, b int) bool { return out[a].index < out[b].index })
-	return out
 }
 
 // checkExtraSegments reports segment files past the geometry; one
 // trailing empty file is xhyve's habit and is tolerated.
 func (d *Disk) checkExtraSegments(r *Report) {
-	for _, x := range extraSegments(d.fs, d.path, len(d.segs)) {
-		r.add(Finding{Kind: Corruption, File: x.name, Segment: x.index, Sector: -1, Slot: -1, Count: 1,
-			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), x.size)})
+	for _, x := range format.ExtraSegments(d.fs, d.path, len(d.segs)) {
+		r.add(Finding{Kind: Corruption, File: x.Name, Segment: x.Index, Sector: -1, Slot: -1, Count: 1,
+			Message: fmt.Sprintf("segment file beyond the image's %d segments (%d bytes)", len(d.segs), x.Size)})
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -33,10 +35,12 @@ func TestCrash(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
 	rounds := crashRounds()
-	geoms := []Params{
-		{Layout: LayoutSparse, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
-		{Layout: LayoutSparse, Size: 40 * 512, Split: 8 * 512, SectorSize: 512},
-		{Layout: LayoutSplit, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
+	geoms := []format.Params{
+		{Layout: format.LayoutSparse, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
+		{Layout: format.LayoutSparse, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096, LUT: lut.Thin},
+		{Layout: format.LayoutSparse, Size: 40 * 512, Split: 8 * 512, SectorSize: 512},
+		{Layout: format.LayoutSparse, Size: 40 * 512, Split: 8 * 512, SectorSize: 512, LUT: lut.Thin},
+		{Layout: format.LayoutSplit, Size: 16 * 4096, Split: 4 * 4096, SectorSize: 4096},
 	}
 	var crashes, leaks int
 	for r := 0; r < rounds; r++ {
@@ -56,7 +60,7 @@ func TestCrash(t *testing.T) {
 	fmt.Printf("crash simulation: %d crash points checked, 0 violations\n", rounds)
 }
 
-func crashRound(t *testing.T, p Params, seed uint64) (crashedInside bool, leaked int) {
+func crashRound(t *testing.T, p format.Params, seed uint64) (crashedInside bool, leaked int) {
 	rng := rand.New(rand.NewPCG(seed, 2))
 	mem := vfs.NewMemFS()
 	path := "/img/disk.img"

@@ -1,7 +1,6 @@
 package blockif
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +9,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
@@ -30,7 +30,13 @@ type Options struct {
 	// NoDirtyCheck skips the automatic check of an image whose descriptor
 	// says state = dirty (offline repair tools open such images on purpose).
 	NoDirtyCheck bool
-	// Progress, if not nil, is called by Check and CheckImage (only) as
+	// ForceShare, with ReadOnly, opens the image without taking its lock,
+	// beside a process that has it open for writing (qemu-img's
+	// --force-share): nothing is written, but what is read may be
+	// inconsistent, as the writer changes the files meanwhile. Check
+	// honours it too.
+	ForceShare bool
+	// Progress, if not nil, is called by Check (only) as
 	// they walk a sparse image: with the bytes of the virtual disk checked
 	// so far and the disk size, ending with done == total.
 	Progress func(done, total int64)
@@ -55,14 +61,14 @@ func (o *Options) logger() *slog.Logger {
 type Disk struct {
 	path     string
 	fs       vfs.FS
-	desc     Descriptor
+	desc     format.Descriptor
 	readOnly bool
 	sync     bool
 	log      *slog.Logger
-	lock     vfs.Lock // on the descriptor (or raw file); moves with rewrites
+	lock     *format.ImageLock // on the descriptor (or raw file); moves with rewrites
 
-	segs []*seg     // one per segment (sparse, split); raw: one
-	lut  *lut.Table // sparse layout only
+	segs []*segState // one per segment (sparse, split); raw: one
+	lut  *lut.Table  // sparse layout only
 
 	// ranges serialises writers (WriteAt, Trim, WriteZeroes) whose sector
 	// ranges overlap, so read-modify-write of partial sectors and slot
@@ -83,34 +89,45 @@ type Disk struct {
 	writes atomic.Int64 // mutating calls, for Stats
 }
 
-// seg is one segment with its part of the LUT.
-type seg struct {
-	*segment.Segment
+// segState is the engine's state of one segment: its file and its part of
+// the LUT.
+type segState struct {
+	*segment.File
 	sectors int64 // sectors of the disk in this segment
 
-	// mu protects tab (the pointer and its entries). It is held across the
-	// one-time LUT load of the segment, on purpose: every user needs it.
-	mu  sync.RWMutex
-	tab *lut.Segment // sparse: nil until loaded
-	err error        // sparse: load error, reported on every access
+	// mu protects part (the pointer and its entries), err, probed and
+	// empty. It is held across the one-time LUT load of the segment, on
+	// purpose: every user needs it.
+	mu   sync.RWMutex
+	part *lut.Part // sparse: nil until loaded
+	err  error     // sparse: load error, reported on every access
+	// probed and empty summarise the on-disk LUT of a segment whose part
+	// is not loaded: once probed, empty tells whether it has no allocated
+	// entry, so Extents answers "hole" without loading the part. Only
+	// meaningful while part is nil: nothing changes the LUT of a segment
+	// without loading its part first.
+	probed, empty bool
 }
 
 // Create makes a new, empty image. It refuses to overwrite anything: the
 // descriptor, any segment file or the LUT already present is ErrExist.
 // The descriptor is written last, so an interrupted Create leaves no image.
-func Create(path string, p Params, o *Options) error {
+func Create(path string, p format.Params, o *Options) error {
 	fsys := o.fs()
 	if p.Layout == "" {
-		p.Layout = LayoutSparse
+		p.Layout = format.LayoutSparse
 	}
 	if p.SectorSize == 0 {
-		p.SectorSize = DefaultSectorSize
-		if p.Layout == LayoutRaw {
+		p.SectorSize = format.DefaultSectorSize
+		if p.Layout == format.LayoutRaw {
 			p.SectorSize = 512
 		}
 	}
-	if p.Split == 0 && p.Layout != LayoutRaw {
-		p.Split = min(DefaultSplit, p.Size)
+	if p.Split == 0 && p.Layout != format.LayoutRaw {
+		p.Split = min(format.DefaultSplit, p.Size)
+	}
+	if p.LUT == lut.Xhyve {
+		p.LUT = "" // the default: the descriptor names no kind
 	}
 	if err := p.Validate(); err != nil {
 		return err
@@ -126,7 +143,7 @@ func Create(path string, p Params, o *Options) error {
 	if err := exists(path); err != nil {
 		return err
 	}
-	if p.Layout == LayoutRaw {
+	if p.Layout == format.LayoutRaw {
 		f, err := fsys.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			return fmt.Errorf("create %s: %w", path, err)
@@ -145,12 +162,12 @@ func Create(path string, p Params, o *Options) error {
 		return err
 	}
 	for i := 0; i < p.Segments(); i++ {
-		if err := exists(segment.Name(path, i)); err != nil {
+		if err := exists(format.SegmentName(path, i)); err != nil {
 			return err
 		}
 	}
-	if p.Layout == LayoutSparse {
-		if err := checkRoom(fsys, path, p.Sectors()*lut.EntrySize, "the LUT"); err != nil {
+	if p.Layout == format.LayoutSparse && p.LUTKind() == lut.Xhyve { // a thin LUT starts as a hole
+		if err := format.CheckRoom(fsys, path, p.Sectors()*lut.EntrySize, "the LUT"); err != nil {
 			return err
 		}
 	}
@@ -162,21 +179,21 @@ func Create(path string, p Params, o *Options) error {
 			return
 		}
 		for i := 0; i < created; i++ {
-			fsys.Remove(segment.Name(path, i))
+			fsys.Remove(format.SegmentName(path, i))
 		}
-		if p.Layout == LayoutSparse {
+		if p.Layout == format.LayoutSparse {
 			fsys.Remove(path + lut.Suffix)
 		}
 		fsys.Remove(path)
 	}()
 	for i := 0; i < p.Segments(); i++ {
-		name := segment.Name(path, i)
+		name := format.SegmentName(path, i)
 		f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 		if err != nil {
 			return fmt.Errorf("create segment: %w", err)
 		}
 		created++
-		if p.Layout == LayoutSplit {
+		if p.Layout == format.LayoutSplit {
 			if err := f.Truncate(min(p.Split, p.Size-int64(i)*p.Split)); err != nil {
 				f.Close()
 				return fmt.Errorf("size segment %s: %w", name, err)
@@ -190,35 +207,16 @@ func Create(path string, p Params, o *Options) error {
 			return fmt.Errorf("create segment %s: %w", name, err)
 		}
 	}
-	if p.Layout == LayoutSparse {
-		if err := lut.Create(fsys, path+lut.Suffix, p.Sectors()); err != nil {
+	if p.Layout == format.LayoutSparse {
+		if err := lut.Create(fsys, path+lut.Suffix, p.Sectors(), p.LUTKind()); err != nil {
 			return err
 		}
 	}
-	if err := WriteDescriptor(fsys, path, Descriptor{Params: p, State: StateClean}); err != nil {
+	if err := format.WriteDescriptor(fsys, path, format.Descriptor{Params: p, State: format.StateClean}); err != nil {
 		return err
 	}
 	ok = true
 	return nil
-}
-
-// isDescriptor tells whether path holds a sparsedisk descriptor (as opposed
-// to a raw image). A file with segments or a LUT beside it must be one.
-func isDescriptor(fsys vfs.FS, path string, size int64) (bool, error) {
-	if _, err := fsys.Stat(segment.Name(path, 0)); err == nil {
-		return true, nil
-	}
-	if _, err := fsys.Stat(path + lut.Suffix); err == nil {
-		return true, nil
-	}
-	if size > maxDescriptor || size == 0 {
-		return false, nil
-	}
-	data, err := readSmall(fsys, path)
-	if err != nil {
-		return false, err
-	}
-	return bytes.HasPrefix(data, []byte("# sparsedisk")) || bytes.HasPrefix(data, []byte("format")), nil
 }
 
 // Open opens an image: a sparsedisk descriptor (sparse or split layout) or
@@ -235,93 +233,79 @@ func Open(path string, o *Options) (*Disk, error) {
 	fi, err := fsys.Stat(path)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			if _, serr := fsys.Stat(segment.Name(path, 0)); serr == nil {
+			if _, serr := fsys.Stat(format.SegmentName(path, 0)); serr == nil {
 				return nil, fmt.Errorf("%w: %s", ErrNotAdopted, path)
 			}
 		}
 		return nil, fmt.Errorf("open image: %w", err)
 	}
-	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	isDesc, err := format.IsDescriptor(fsys, path, fi.Size())
 	if err != nil {
 		return nil, fmt.Errorf("open image %s: %w", path, err)
 	}
-	if d.lock, err = lockImage(fsys, path, !d.readOnly); err != nil {
-		return nil, err
+	if o != nil && o.ForceShare && !d.readOnly {
+		return nil, fmt.Errorf("%w: ForceShare needs ReadOnly", ErrInvalid)
+	}
+	if o == nil || !o.ForceShare {
+		if d.lock, err = format.LockImage(fsys, path, !d.readOnly); err != nil {
+			return nil, err
+		}
 	}
 	if err := d.open(isDesc, fi.Size(), o); err != nil {
 		d.closeFiles()
-		d.lock.Close()
+		if d.lock != nil {
+			d.lock.Close()
+		}
 		return nil, err
 	}
 	return d, nil
 }
 
-// lockImage locks the file at path, retrying if a concurrent descriptor
-// rewrite replaced it between the lock and the check.
-func lockImage(fsys vfs.FS, path string, exclusive bool) (vfs.Lock, error) {
-	for try := 0; ; try++ {
-		l, err := fsys.Lock(path, exclusive)
-		if err != nil {
-			if errors.Is(err, vfs.ErrLocked) {
-				mode := "for writing"
-				if !exclusive {
-					mode = "for reading (another process writes it)"
-				}
-				return nil, fmt.Errorf("%w: %s cannot be opened %s", ErrInUse, path, mode)
-			}
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		ok, err := l.Current(path)
-		if err == nil && ok {
-			return l, nil
-		}
-		l.Close()
-		if err != nil || try == 10 {
-			return nil, fmt.Errorf("lock %s: the file keeps being replaced: %v", path, err)
-		}
-	}
-}
-
 // setDescriptor rewrites the open image's descriptor, moving the lock to
 // the new file.
-func (d *Disk) setDescriptor(desc Descriptor) error {
-	l, err := replaceDescriptor(d.fs, d.path, desc, true, !d.readOnly)
-	if err != nil {
+func (d *Disk) setDescriptor(desc format.Descriptor) error {
+	if err := d.lock.Write(desc); err != nil {
 		return err
 	}
-	d.lock.Close()
-	d.lock = l
 	d.desc = desc
 	return nil
 }
 
 func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	if !isDesc {
-		d.desc = Descriptor{Params: Params{Layout: LayoutRaw, Size: fileSize, Split: fileSize, SectorSize: 512}, State: StateClean}
+		d.desc = format.Descriptor{Params: format.Params{Layout: format.LayoutRaw, Size: fileSize, Split: fileSize, SectorSize: 512}, State: format.StateClean}
 		if fileSize == 0 {
 			return fmt.Errorf("%w: %s is empty", ErrInvalid, d.path)
 		}
-		d.segs = []*seg{{Segment: segment.New(d.fs, d.path, 0, 512, d.readOnly), sectors: (fileSize + 511) / 512}}
+		d.segs = []*segState{{File: segment.New(d.fs, d.path, 0, 512, d.readOnly), sectors: (fileSize + 511) / 512}}
 		return nil
 	}
-	desc, err := ReadDescriptor(d.fs, d.path)
+	desc, err := format.ReadDescriptor(d.fs, d.path)
 	if err != nil {
 		return err
 	}
 	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) && !d.readOnly {
 		// An interrupted offline tool (shrink, resize): finish or roll it
 		// back under our exclusive lock, before looking at the files.
-		if err := finishIntent(d.fs, d.path, desc, d.setDescriptor); err != nil {
+		if err := format.FinishIntent(d.fs, d.path, desc, d.setDescriptor); err != nil {
 			return err
 		}
 		desc.Intent = ""
 	}
 	d.desc = desc
 	p := desc.Params
+	if p.Layout == format.LayoutSplit {
+		// A LUT beside a split descriptor: the image is sparse and
+		// serving it as split would return slot order, not the disk.
+		if _, err := d.fs.Stat(format.LUTName(d.path)); err == nil {
+			return fmt.Errorf("%w: %s says layout = split but the LUT %s exists: the image is sparse; run `sparsedisk check %s`",
+				ErrGeometry, d.path, format.LUTName(d.path), d.path)
+		}
+	}
 	nseg := p.Segments()
-	d.segs = make([]*seg, nseg)
+	d.segs = make([]*segState, nseg)
 	for i := range d.segs {
-		name := segment.Name(d.path, i)
+		name := format.SegmentName(d.path, i)
 		fi, err := d.fs.Stat(name)
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
@@ -329,18 +313,18 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 			}
 			return fmt.Errorf("stat segment: %w", err)
 		}
-		if p.Layout == LayoutSplit {
+		if p.Layout == format.LayoutSplit {
 			if want := min(p.Split, p.Size-int64(i)*p.Split); fi.Size() > want {
 				return fmt.Errorf("%w: segment file %s is %d bytes, longer than its %d", ErrCorrupt, name, fi.Size(), want)
 			}
 		}
-		d.segs[i] = &seg{
-			Segment: segment.New(d.fs, name, i, p.SectorSize, d.readOnly),
+		d.segs[i] = &segState{
+			File:    segment.New(d.fs, name, i, p.SectorSize, d.readOnly),
 			sectors: min(p.Split, p.Size-int64(i)*p.Split) / p.SectorSize,
 		}
 	}
-	if p.Layout == LayoutSparse {
-		d.lut, err = lut.Open(d.fs, d.path+lut.Suffix, p.Sectors(), p.Sectors(), p.Split/p.SectorSize, d.readOnly)
+	if p.Layout == format.LayoutSparse {
+		d.lut, err = lut.Open(d.fs, d.path+lut.Suffix, p.LUTKind(), p.Sectors(), p.Sectors(), p.Split/p.SectorSize, d.readOnly)
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("%w: LUT %s is missing: %w", ErrCorrupt, d.path+lut.Suffix, err)
@@ -354,8 +338,8 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	if desc.Intent != "" && !(o != nil && o.NoDirtyCheck) {
 		return fmt.Errorf("%w: %s has an unfinished offline operation (%s); run `sparsedisk check -r all %s` or repeat the operation", ErrInvalid, d.path, desc.Intent, d.path)
 	}
-	if desc.State == StateDirty && !(o != nil && o.NoDirtyCheck) {
-		rep, err := d.check(nil, nil)
+	if desc.State == format.StateDirty && !(o != nil && o.NoDirtyCheck) {
+		rep, err := d.check(nil)
 		if err != nil {
 			return fmt.Errorf("check of dirty image %s: %w", d.path, err)
 		}
@@ -367,7 +351,7 @@ func (d *Disk) open(isDesc bool, fileSize int64, o *Options) error {
 	}
 	if !d.readOnly {
 		dd := d.desc
-		dd.State = StateDirty
+		dd.State = format.StateDirty
 		if err := d.setDescriptor(dd); err != nil {
 			return err
 		}
@@ -385,7 +369,7 @@ func (d *Disk) Size() int64 { return d.desc.Size }
 func (d *Disk) SectorSize() int64 { return d.desc.SectorSize }
 
 // Params is the image's geometry.
-func (d *Disk) Params() Params { return d.desc.Params }
+func (d *Disk) Params() format.Params { return d.desc.Params }
 
 // ReadOnly tells whether the Disk was opened read-only.
 func (d *Disk) ReadOnly() bool { return d.readOnly }
@@ -414,9 +398,9 @@ func (d *Disk) Close() error {
 	var err error
 	if !d.readOnly {
 		err = d.flush()
-		if err == nil && d.desc.Layout != LayoutRaw {
+		if err == nil && d.desc.Layout != format.LayoutRaw {
 			dd := d.desc
-			dd.State = StateClean
+			dd.State = format.StateClean
 			err = d.setDescriptor(dd)
 		}
 	}

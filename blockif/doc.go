@@ -1,22 +1,17 @@
-// Package blockif is the sparsedisk engine: one [Disk] type that serves a
-// virtual disk stored in one of three layouts, with the durability contract
-// of DESIGN.md §3.
+// Package blockif is the sparsedisk online engine: one [Disk] type that
+// serves a virtual disk stored in one of three layouts, with the
+// durability contract of FORMAT.md; [Check], the one consistency check of
+// an image; and [Device], the interface the frontends (nbd, fusefs) serve,
+// which *Disk satisfies.
 //
 // # On-disk format
 //
-// An image at path P (frozen, byte-compatible with xhyve's split/sparse
-// images):
-//
-//	| file          | content                                               |
-//	|---------------|-------------------------------------------------------|
-//	| P             | descriptor: `key = value` text (see [Descriptor])     |
-//	| P.0000, …     | segments (package segment): slots, or verbatim bytes  |
-//	| P.lut         | sparse only: uint32 LE per sector (package lut)       |
-//
-// Layouts: sparse (slots appended in allocation order, mapped by P.lut),
-// split (segment i holds disk bytes [i*split, (i+1)*split) verbatim), raw
-// (one plain file, no descriptor; any regular file that is not a
-// descriptor opens as raw).
+// The engine reads and writes images in the format of package format
+// (FORMAT.md at the repository root is the reference): a descriptor, the
+// segment files (package segment) and, in the sparse layout, the LUT
+// (package lut). The offline tools that rewrite images (shrink, resize,
+// convert, repair, adopt) live in package offline; Open finishes what an
+// interrupted one left (format.FinishIntent) before it looks at the files.
 //
 // # Design
 //
@@ -36,8 +31,8 @@
 //  3. writes the snapshot pages into P.lut and fdatasyncs it.
 //
 // So every durable LUT entry points at durable data, at every instant. A
-// crash can leave only orphan slots (leaks), which Check reports and shrink
-// reclaims. Trim and WriteZeroes unmap whole sectors and punch their slots
+// crash can leave only orphan slots (leaks), which Check reports and
+// offline.Shrink reclaims. Trim and WriteZeroes unmap whole sectors and punch their slots
 // at once; slots are never reused while the image is open (the append
 // cursor of a segment starts at max(file slots, highest referenced + 1)),
 // so a stale on-disk entry can only point at a punched slot, which reads
@@ -55,7 +50,18 @@
 //
 // The LUT is loaded one segment at a time, on first access, so opening a
 // 1 TiB image reads a few hundred bytes and touching one sector loads
-// split/sectorsize entries.
+// split/sectorsize entries. What only needs to know where data is costs
+// what the data costs, not the disk's or the files' apparent size:
+// Extents answers a segment whose part is not loaded from a summary
+// probed once from the LUT (a seek over a thin LUT's holes, a comparison
+// pass over an xhyve LUT's 0xFF pages) without loading it; Check and
+// Stats keep only the allocated entries of one segment at a time, scanned
+// the same way, and look for leaked slots only inside the segment files'
+// data regions (SEEK_DATA/SEEK_HOLE), reading only unreferenced slots
+// there. Check also gives Advice findings (a segment file's apparent size
+// far beyond its live data, or slot numbers running out; heavy
+// fragmentation), which name `sparsedisk shrink` and leave the image
+// clean.
 //
 // All I/O goes through vfs.FS, so tests run the engine on vfs.MemFS, which
 // keeps only synced data when it simulates a crash.
@@ -69,7 +75,7 @@
 //   - flushMu: serialises Flush, held across its fsyncs on purpose (a Flush
 //     must cover writes that completed before it started).
 //   - ranges: exclusive per sector range for writers; readers skip it.
-//   - seg.mu (RW): protects one segment's LUT entries; held only for
+//   - segState.mu (RW): protects one segment's LUT part; held only for
 //     lookups and updates in memory, except across the one-time load.
 //
 // Concurrent writes to the same bytes end with one of them; concurrent

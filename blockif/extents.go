@@ -3,6 +3,7 @@ package blockif
 import (
 	"fmt"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
@@ -29,7 +30,7 @@ func (d *Disk) Extents(off, n int64) ([]Extent, error) {
 	if n == 0 {
 		return nil, nil
 	}
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		return []Extent{{Offset: off, Length: n, Allocated: true}}, nil
 	}
 	var out []Extent
@@ -46,19 +47,57 @@ func (d *Disk) Extents(off, n int64) ([]Extent, error) {
 		i := pos / split
 		s := d.segs[i]
 		segEnd := min(end, (i+1)*split)
-		t, err := d.table(s)
+		if empty, err := d.unloadedEmpty(s); err != nil {
+			return nil, err
+		} else if empty {
+			add(pos, segEnd-pos, false)
+			pos = segEnd
+			continue
+		}
+		err := d.withTable(s, func(t *lut.Part) {
+			for pos < segEnd {
+				j := (pos % split) / ss
+				c := min(segEnd, (pos/ss+1)*ss) - pos
+				add(pos, c, t.Entries[j] != lut.Unallocated)
+				pos += c
+			}
+		})
 		if err != nil {
 			return nil, err
 		}
-		for pos < segEnd {
-			j := (pos % split) / ss
-			c := min(segEnd, (pos/ss+1)*ss) - pos
-			add(pos, c, t.E[j] != lut.Unallocated)
-			pos += c
-		}
-		s.mu.RUnlock()
 	}
 	return out, nil
+}
+
+// unloadedEmpty tells whether segment s's LUT part is not loaded and the
+// LUT file holds no allocated entry for it. The first call per segment
+// scans its part of the LUT (lut.Table.Empty: a seek for a thin LUT, a
+// pass of comparisons for an xhyve one, nothing decoded or kept); the
+// answer is remembered, so Extents over a huge, mostly empty image costs
+// neither a load nor the memory of the parts.
+func (d *Disk) unloadedEmpty(s *segState) (bool, error) {
+	s.mu.RLock()
+	loaded, probed, empty := s.part != nil || s.err != nil, s.probed, s.empty
+	s.mu.RUnlock()
+	if loaded {
+		return false, nil
+	}
+	if probed {
+		return empty, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.part != nil || s.err != nil {
+		return false, nil
+	}
+	if !s.probed {
+		e, err := d.lut.Empty(s.Index())
+		if err != nil {
+			return false, err
+		}
+		s.probed, s.empty = true, e
+	}
+	return s.empty, nil
 }
 
 // ReleaseTables drops the LUT parts a read-only Disk has loaded, so a
@@ -76,7 +115,30 @@ func (d *Disk) ReleaseTables() error {
 	}
 	for _, s := range d.segs {
 		s.mu.Lock()
-		s.tab, s.err = nil, nil
+		s.part, s.err = nil, nil
+		s.mu.Unlock()
+	}
+	return nil
+}
+
+// ReleaseTablesIn is ReleaseTables for the segments holding [off, off+n)
+// only: a scan that works a segment at a time releases each as it leaves
+// it, at a cost independent of the number of segments.
+func (d *Disk) ReleaseTablesIn(off, n int64) error {
+	if err := d.enter(); err != nil {
+		return err
+	}
+	defer d.leave()
+	if !d.readOnly {
+		return fmt.Errorf("%w: ReleaseTablesIn needs a read-only Disk", ErrInvalid)
+	}
+	if err := d.bounds(off, n); err != nil || n == 0 || d.desc.Split <= 0 {
+		return err
+	}
+	for i := off / d.desc.Split; i <= (off+n-1)/d.desc.Split && i < int64(len(d.segs)); i++ {
+		s := d.segs[i]
+		s.mu.Lock()
+		s.part, s.err = nil, nil
 		s.mu.Unlock()
 	}
 	return nil
@@ -84,7 +146,7 @@ func (d *Disk) ReleaseTables() error {
 
 // Stats summarises an image.
 type Stats struct {
-	Params
+	format.Params
 	State    string `json:"state"`
 	Segments int    `json:"segments"`
 	// AllocatedBytes is the data the disk holds: allocated sectors × sector
@@ -93,6 +155,9 @@ type Stats struct {
 	// OnDiskBytes is what the image's files occupy on their device,
 	// descriptor and LUT included.
 	OnDiskBytes int64 `json:"on_disk_bytes"`
+	// Advice counts Check's Advice findings: bloated segments and
+	// fragmentation (sparse).
+	Advice int `json:"advice"`
 	// Slots counts slots in the segment files (sparse).
 	Slots int64 `json:"slots"`
 	// LeakedSlots counts slots holding data no entry references (sparse).
@@ -102,8 +167,9 @@ type Stats struct {
 	Fragments int64 `json:"fragments"`
 }
 
-// Stats walks the image and summarises it. It reads the whole LUT (one
-// segment at a time) and the leaked slots' data.
+// Stats walks the image and summarises it, at the cost of Check: the
+// allocated LUT entries (one segment at a time) and the unreferenced
+// slots inside the segment files' data regions.
 func (d *Disk) Stats() (Stats, error) {
 	if err := d.enter(); err != nil {
 		return Stats{}, err
@@ -111,32 +177,29 @@ func (d *Disk) Stats() (Stats, error) {
 	defer d.leave()
 	st := Stats{Params: d.desc.Params, State: d.desc.State, Segments: len(d.segs)}
 	if !d.readOnly {
-		st.State = StateDirty
+		st.State = format.StateDirty
 	}
-	for _, s := range d.segs {
-		a, err := s.Allocated()
-		if err != nil {
-			return st, err
+	if d.desc.Layout != format.LayoutSparse {
+		for _, s := range d.segs {
+			a, err := d.allocatedFile(s.Path(), s.Allocated)
+			if err != nil {
+				return st, err
+			}
+			st.OnDiskBytes += a
 		}
-		st.OnDiskBytes += a
-	}
-	if d.desc.Layout != LayoutSparse {
 		st.AllocatedBytes = st.OnDiskBytes
 		return st, nil
 	}
-	for _, name := range []string{d.path, d.path + lut.Suffix} {
-		if f, err := d.fs.OpenFile(name, 0, 0); err == nil {
-			if a, err := f.Allocated(); err == nil {
-				st.OnDiskBytes += a
-			}
-			f.Close()
-		}
+	var err error
+	if st.OnDiskBytes, err = d.onDiskBytes(); err != nil {
+		return st, err
 	}
-	r, err := d.check(nil, nil)
+	st.LUT = d.desc.LUTKind()
+	r, err := d.check(nil)
 	if err != nil {
 		return st, err
 	}
 	st.AllocatedBytes = r.AllocatedSectors * d.desc.SectorSize
-	st.Slots, st.LeakedSlots, st.Fragments = r.Slots, r.LeakedSlots, r.Fragments
+	st.Slots, st.LeakedSlots, st.Fragments, st.Advice = r.Slots, r.LeakedSlots, r.Fragments, r.Advice
 	return st, nil
 }

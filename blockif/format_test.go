@@ -5,13 +5,16 @@ import (
 	"encoding/binary"
 	"os"
 	"testing"
+
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // TestGoldenFormat writes a fixed sequence and compares the segment, LUT
-// and descriptor bytes with what DESIGN.md §2 predicts.
+// and descriptor bytes with what FORMAT.md predicts (its example in
+// section 6 is this test).
 func TestGoldenFormat(t *testing.T) {
 	const ss = 4096
-	path := testImage(t, Params{Layout: LayoutSparse, Size: 16 * ss, Split: 4 * ss, SectorSize: ss}, nil, false)
+	path := testImage(t, format.Params{Layout: format.LayoutSparse, Size: 16 * ss, Split: 4 * ss, SectorSize: ss}, nil, false)
 	d := mustOpen(t, path, nil)
 	fill := func(b byte) []byte { return bytes.Repeat([]byte{b}, ss) }
 	writes := []struct {

@@ -9,16 +9,20 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
 // feGeoms are the small geometries FuzzEngine picks from (first input
 // byte): sizes that are not a multiple of the split, so the last segment
 // is short, and tiny sectors, so unaligned requests straddle both.
-var feGeoms = []Params{
-	{Layout: LayoutSparse, Size: 13 * 512, Split: 4 * 512, SectorSize: 512},
-	{Layout: LayoutSparse, Size: 8 * 1024, Split: 3 * 1024, SectorSize: 1024},
-	{Layout: LayoutSplit, Size: 10 * 512, Split: 4 * 512, SectorSize: 512},
+var feGeoms = []format.Params{
+	{Layout: format.LayoutSparse, Size: 13 * 512, Split: 4 * 512, SectorSize: 512},
+	{Layout: format.LayoutSparse, Size: 8 * 1024, Split: 3 * 1024, SectorSize: 1024},
+	{Layout: format.LayoutSplit, Size: 10 * 512, Split: 4 * 512, SectorSize: 512},
+	{Layout: format.LayoutSparse, Size: 13 * 512, Split: 4 * 512, SectorSize: 512, LUT: lut.Thin},
+	{Layout: format.LayoutSparse, Size: 8 * 1024, Split: 3 * 1024, SectorSize: 1024, LUT: lut.Thin},
 }
 
 // feOpSize is the encoded size of one operation: kind, offset (2 bytes),
@@ -121,7 +125,7 @@ func feData(seed byte, n int) []byte {
 // model it must agree with.
 type feState struct {
 	t     *testing.T
-	p     Params
+	p     format.Params
 	path  string
 	mem   *vfs.MemFS
 	fs    *feFullFS

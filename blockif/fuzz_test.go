@@ -7,41 +7,10 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
-
-// FuzzParseDescriptor: the parser never panics, and what it accepts
-// survives a Marshal/Parse round trip unchanged.
-func FuzzParseDescriptor(f *testing.F) {
-	f.Add([]byte("# sparsedisk image\nformat = sparsedisk/1\nlayout = sparse\nsize = 21474836480 # 20 GiB\nsplit = 1073741824\nsectorsize = 4096\nstate = dirty\n"))
-	f.Add([]byte("format=sparsedisk/1\nlayout=split\nsize=20G\nsplit=1g\nsectorsize=512\n"))
-	f.Add([]byte("format = sparsedisk/1\nlayout = sparse\nsize = 1\n"))
-	f.Add([]byte("\x00\xff = =\n#"))
-	// testdata/descriptor.sample is what `sparsedisk create disk.img
-	// size=20G split=1G` writes, byte for byte.
-	data, err := os.ReadFile(filepath.Join("..", "testdata", "descriptor.sample"))
-	if err != nil {
-		f.Fatalf("seed: %v", err)
-	}
-	f.Add(data)
-	f.Fuzz(func(t *testing.T, data []byte) {
-		d, err := ParseDescriptor(data, "fuzz")
-		if err != nil {
-			if !errors.Is(err, ErrInvalid) {
-				t.Fatalf("error outside ErrInvalid: %v", err)
-			}
-			return
-		}
-		d2, err := ParseDescriptor(d.Marshal(), "fuzz2")
-		if err != nil {
-			t.Fatalf("re-parse of marshalled descriptor: %v\n%s", err, d.Marshal())
-		}
-		if d2 != d {
-			t.Fatalf("round trip: %+v != %+v", d2, d)
-		}
-	})
-}
 
 // FuzzOpenLUT: a disk whose LUT and segment lengths are arbitrary bytes
 // opens, reads and checks without panicking; every error is ErrCorrupt
@@ -55,41 +24,60 @@ func FuzzOpenLUT(f *testing.F) {
 	}
 	f.Add(lutSeed[:64], uint16(3584), uint16(7168))
 	f.Fuzz(func(t *testing.T, lutBytes []byte, seg0, seg1 uint16) {
-		const ss = 512
-		p := Params{Layout: LayoutSparse, Size: 16 * ss, Split: 8 * ss, SectorSize: ss}
-		mem := vfs.NewMemFS()
-		path := "/f/disk.img"
-		if err := Create(path, p, &Options{FS: mem}); err != nil {
-			t.Fatal(err)
-		}
-		put := func(name string, data []byte) {
-			fh, err := mem.OpenFile(name, os.O_RDWR|os.O_TRUNC, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			fh.WriteAt(data, 0)
-			fh.Close()
-		}
-		put(path+lut.Suffix, lutBytes)
-		put(path+".0000", bytes.Repeat([]byte{1}, int(seg0)))
-		put(path+".0001", bytes.Repeat([]byte{2}, int(seg1)))
-		d, err := Open(path, &Options{FS: mem, ReadOnly: true})
-		if err != nil {
-			if !errors.Is(err, ErrCorrupt) {
-				t.Fatalf("Open: error outside ErrCorrupt: %v", err)
-			}
-			return
-		}
-		defer d.Close()
-		buf := make([]byte, p.Size)
-		if _, err := d.ReadAt(buf, 0); err != nil && !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("ReadAt: error outside ErrCorrupt: %v", err)
-		}
-		if _, err := d.Extents(0, p.Size); err != nil && !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("Extents: %v", err)
-		}
-		if _, err := d.Check(); err != nil && !errors.Is(err, ErrCorrupt) {
-			t.Fatalf("Check: %v", err)
+		for _, k := range lut.Kinds {
+			fuzzOpenLUT(t, k, lutBytes, seg0, seg1)
 		}
 	})
+}
+
+// fuzzOpenLUT is one FuzzOpenLUT case, for a LUT of kind k.
+func fuzzOpenLUT(t *testing.T, k lut.Kind, lutBytes []byte, seg0, seg1 uint16) {
+	const ss = 512
+	p := format.Params{Layout: format.LayoutSparse, Size: 16 * ss, Split: 8 * ss, SectorSize: ss, LUT: k}
+	mem := vfs.NewMemFS()
+	path := "/f/disk.img"
+	if err := Create(path, p, &Options{FS: mem}); err != nil {
+		t.Fatal(err)
+	}
+	put := func(name string, data []byte) {
+		fh, err := mem.OpenFile(name, os.O_RDWR|os.O_TRUNC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fh.WriteAt(data, 0)
+		fh.Close()
+	}
+	put(path+lut.Suffix, lutBytes)
+	put(path+".0000", bytes.Repeat([]byte{1}, int(seg0)))
+	put(path+".0001", bytes.Repeat([]byte{2}, int(seg1)))
+	d, err := Open(path, &Options{FS: mem, ReadOnly: true})
+	if err != nil {
+		if !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("Open: error outside ErrCorrupt: %v", err)
+		}
+		return
+	}
+	defer d.Close()
+	buf := make([]byte, p.Size)
+	if _, err := d.ReadAt(buf, 0); err != nil && !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("ReadAt: error outside ErrCorrupt: %v", err)
+	}
+	if _, err := d.Extents(0, p.Size); err != nil && !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Extents: %v", err)
+	}
+	r, err := d.check(nil)
+	if err != nil && !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("Check: %v", err)
+	}
+	if err == nil {
+		var n int64 // the check counts exactly the allocated entries
+		for _, v := range k.DecodeEntries(lutBytes[:min(len(lutBytes), int(p.Sectors())*lut.EntrySize)]) {
+			if v != lut.Unallocated {
+				n++
+			}
+		}
+		if r.AllocatedSectors != n {
+			t.Fatalf("%s LUT % x: check counts %d allocated sectors, the LUT holds %d", k, lutBytes, r.AllocatedSectors, n)
+		}
+	}
 }

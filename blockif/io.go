@@ -5,11 +5,12 @@ import (
 	"fmt"
 	"syscall"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // zeros is a read-only buffer of zero bytes, as large as the largest sector.
-var zeros = make([]byte, MaxSectorSize)
+var zeros = make([]byte, format.MaxSectorSize)
 
 func isZero(p []byte) bool {
 	for len(p) > 0 {
@@ -32,30 +33,39 @@ func (d *Disk) bounds(off, n int64) error {
 	return nil
 }
 
-// table returns segment s's LUT part, loading it on first use, with s.mu
-// read-held. The caller must RUnlock.
-func (d *Disk) table(s *seg) (*lut.Segment, error) {
-	s.mu.RLock()
-	if s.tab != nil || s.err != nil {
+// withTable calls fn with segment s's LUT part, loading it on first use,
+// and returns the load error (for every access, once a load failed)
+// without calling fn. fn runs with s.mu read-held and released right after
+// it: it may read the entries, must not change them or keep them, and must
+// not block or take another lock.
+func (d *Disk) withTable(s *segState, fn func(t *lut.Part)) error {
+	for {
+		s.mu.RLock()
 		if s.err != nil {
+			err := s.err
 			s.mu.RUnlock()
-			return nil, s.err
+			return err
 		}
-		return s.tab, nil
+		if s.part != nil {
+			fn(s.part)
+			s.mu.RUnlock()
+			return nil
+		}
+		s.mu.RUnlock()
+		s.mu.Lock()
+		if s.part == nil && s.err == nil {
+			s.part, s.err = d.loadTable(s)
+		}
+		s.mu.Unlock()
+		// Loop: a read-only Disk's ReleaseTables may have dropped the
+		// part again before the read lock is back.
 	}
-	s.mu.RUnlock()
-	s.mu.Lock()
-	if s.tab == nil && s.err == nil {
-		s.tab, s.err = d.loadTable(s)
-	}
-	s.mu.Unlock()
-	return d.table(s)
 }
 
 // loadTable reads a segment's LUT part and sets its append cursor to
 // max(file slots, highest referenced slot + 1). An entry at or past the
-// file's end is corruption (DESIGN.md §3.5).
-func (d *Disk) loadTable(s *seg) (*lut.Segment, error) {
+// file's end is corruption (FORMAT.md, sections 6 and 7.1).
+func (d *Disk) loadTable(s *segState) (*lut.Part, error) {
 	t, err := d.lut.Load(s.Index())
 	if err != nil {
 		return nil, err
@@ -68,7 +78,7 @@ func (d *Disk) loadTable(s *seg) (*lut.Segment, error) {
 	fileSlots := size / ss
 	next := (size + ss - 1) / ss
 	bad, firstBad := 0, int64(-1)
-	for j, v := range t.E {
+	for j, v := range t.Entries {
 		if v == lut.Unallocated {
 			continue
 		}
@@ -122,7 +132,7 @@ func (d *Disk) readAt(p []byte, off int64) error {
 		n := min(int64(len(p)), split-segOff)
 		s := d.segs[i]
 		var err error
-		if d.desc.Layout == LayoutSparse {
+		if d.desc.Layout == format.LayoutSparse {
 			err = d.readSparse(s, p[:n], segOff)
 		} else {
 			err = s.ReadAt(p[:n], segOff)
@@ -143,31 +153,31 @@ type run struct {
 
 // readSparse reads p from segment s at byte segOff of the segment's part of
 // the disk, coalescing sectors whose slots are consecutive into one read.
-func (d *Disk) readSparse(s *seg, p []byte, segOff int64) error {
+func (d *Disk) readSparse(s *segState, p []byte, segOff int64) error {
 	ss := d.desc.SectorSize
-	t, err := d.table(s)
+	var runs []run
+	err := d.withTable(s, func(t *lut.Part) {
+		for pos := int64(0); pos < int64(len(p)); {
+			j := (segOff + pos) / ss
+			in := (segOff + pos) % ss
+			n := min(ss-in, int64(len(p))-pos)
+			v := t.Entries[j]
+			if v == lut.Unallocated {
+				clear(p[pos : pos+n])
+			} else {
+				fo := int64(v)*ss + in
+				if k := len(runs) - 1; k >= 0 && runs[k].fileOff+int64(len(runs[k].buf)) == fo && adjacent(runs[k].buf, p[pos:]) {
+					runs[k].buf = runs[k].buf[:len(runs[k].buf)+int(n)]
+				} else {
+					runs = append(runs, run{fileOff: fo, buf: p[pos : pos+n]})
+				}
+			}
+			pos += n
+		}
+	})
 	if err != nil {
 		return err
 	}
-	var runs []run
-	for pos := int64(0); pos < int64(len(p)); {
-		j := (segOff + pos) / ss
-		in := (segOff + pos) % ss
-		n := min(ss-in, int64(len(p))-pos)
-		v := t.E[j]
-		if v == lut.Unallocated {
-			clear(p[pos : pos+n])
-		} else {
-			fo := int64(v)*ss + in
-			if k := len(runs) - 1; k >= 0 && runs[k].fileOff+int64(len(runs[k].buf)) == fo && adjacent(runs[k].buf, p[pos:]) {
-				runs[k].buf = runs[k].buf[:len(runs[k].buf)+int(n)]
-			} else {
-				runs = append(runs, run{fileOff: fo, buf: p[pos : pos+n]})
-			}
-		}
-		pos += n
-	}
-	s.mu.RUnlock()
 	for _, r := range runs {
 		if err := s.ReadSlotsStrict(r.buf, r.fileOff); err != nil {
 			return fmt.Errorf("%w: segment %d: %w", ErrCorrupt, s.Index(), err)
@@ -217,7 +227,7 @@ func (d *Disk) writeLocked(p []byte, off int64) error {
 		n := min(int64(len(p)), split-segOff)
 		s := d.segs[i]
 		var err error
-		if d.desc.Layout == LayoutSparse {
+		if d.desc.Layout == format.LayoutSparse {
 			err = d.writeSparse(s, p[:n], segOff)
 		} else {
 			err = s.WriteAt(p[:n], segOff)
@@ -236,17 +246,14 @@ func (d *Disk) writeLocked(p []byte, off int64) error {
 // set only after the data is written (so a concurrent Flush never persists
 // an entry before its data). All-zero data for an unallocated sector
 // allocates nothing.
-func (d *Disk) writeSparse(s *seg, p []byte, segOff int64) error {
+func (d *Disk) writeSparse(s *segState, p []byte, segOff int64) error {
 	ss := d.desc.SectorSize
-	t, err := d.table(s)
-	if err != nil {
-		return err
-	}
 	j0 := segOff / ss
 	nsec := (segOff+int64(len(p))-1)/ss - j0 + 1
 	slots := make([]uint32, nsec)
-	copy(slots, t.E[j0:j0+nsec])
-	s.mu.RUnlock()
+	if err := d.withTable(s, func(t *lut.Part) { copy(slots, t.Entries[j0:j0+nsec]) }); err != nil {
+		return err
+	}
 
 	// Sector images: full sectors point into p; partial ones are merged
 	// with the sector's current content (read-modify-write).
@@ -312,7 +319,7 @@ func (d *Disk) writeSparse(s *seg, p []byte, segOff int64) error {
 		s.mu.Lock()
 		for k := range slots {
 			if isNew[k] {
-				s.tab.Set(j0+int64(k), slots[k])
+				s.part.Set(j0+int64(k), slots[k])
 			}
 		}
 		s.mu.Unlock()
@@ -365,7 +372,7 @@ func (d *Disk) zero(off, n int64) error {
 
 func (d *Disk) zeroLocked(off, n int64) error {
 	ss := d.desc.SectorSize
-	if d.desc.Layout != LayoutSparse {
+	if d.desc.Layout != format.LayoutSparse {
 		// Punch whole 4 KiB-aligned blocks, write zeros at the edges.
 		split := d.desc.Split
 		for n > 0 {
@@ -410,17 +417,16 @@ func (d *Disk) zeroLocked(off, n int64) error {
 // deallocate unmaps sectors [j, j+count) of segment s and punches their
 // slots. No slot is reused while the image is open, so punching at once is
 // safe whatever the on-disk LUT still says (it reads as zeros).
-func (d *Disk) deallocate(s *seg, j, count int64) error {
-	if _, err := d.table(s); err != nil {
+func (d *Disk) deallocate(s *segState, j, count int64) error {
+	if err := d.withTable(s, func(*lut.Part) {}); err != nil { // load it
 		return err
 	}
-	s.mu.RUnlock()
 	var freed []int64
 	s.mu.Lock()
 	for k := j; k < j+count; k++ {
-		if v := s.tab.E[k]; v != lut.Unallocated {
+		if v := s.part.Entries[k]; v != lut.Unallocated {
 			freed = append(freed, int64(v))
-			s.tab.Set(k, lut.Unallocated)
+			s.part.Set(k, lut.Unallocated)
 		}
 	}
 	s.mu.Unlock()
@@ -440,7 +446,7 @@ func (d *Disk) deallocate(s *seg, j, count int64) error {
 
 // Flush makes every write, trim and zeroing completed before the call
 // durable: it fdatasyncs every dirty segment, then writes the dirty LUT
-// pages, then fdatasyncs the LUT (DESIGN.md §3.3).
+// pages, then fdatasyncs the LUT (FORMAT.md, section 7.2).
 func (d *Disk) Flush() error {
 	if err := d.enter(); err != nil {
 		return err
@@ -461,8 +467,8 @@ func (d *Disk) flush() error {
 	if d.lut != nil {
 		for _, s := range d.segs {
 			s.mu.Lock()
-			if s.tab != nil && s.tab.Dirty() {
-				pages = append(pages, s.tab.TakeDirty()...)
+			if s.part != nil && s.part.Dirty() {
+				pages = append(pages, s.part.TakeDirty()...)
 			}
 			s.mu.Unlock()
 		}

@@ -7,25 +7,42 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
 // modelCase is one geometry for the model-based test.
 type modelCase struct {
-	layout     Layout
+	layout     format.Layout
 	sectorSize int64
 	split      int64
 	size       int64 // not a multiple of split: the last segment is short
+	lut        lut.Kind
 }
 
+// modelCases are the geometries of the model-based tests: each sparse one
+// with both LUT kinds.
 func modelCases() []modelCase {
+	var out []modelCase
+	for _, mc := range baseModelCases() {
+		out = append(out, mc)
+		if mc.layout == format.LayoutSparse {
+			mc.lut = lut.Thin
+			out = append(out, mc)
+		}
+	}
+	return out
+}
+
+func baseModelCases() []modelCase {
 	return []modelCase{
-		{LayoutSparse, 512, 8 << 10, 8<<10*5 + 3*512},
-		{LayoutSparse, 4096, 64 << 10, 64<<10*4 + 5*4096},
-		{LayoutSparse, 4096, 4096, 4096 * 7},
-		{LayoutSplit, 512, 8 << 10, 8<<10*3 + 512},
-		{LayoutSplit, 4096, 64 << 10, 64<<10*3 + 4096},
-		{LayoutRaw, 512, 0, 100000},
+		{format.LayoutSparse, 512, 8 << 10, 8<<10*5 + 3*512, ""},
+		{format.LayoutSparse, 4096, 64 << 10, 64<<10*4 + 5*4096, ""},
+		{format.LayoutSparse, 4096, 4096, 4096 * 7, ""},
+		{format.LayoutSplit, 512, 8 << 10, 8<<10*3 + 512, ""},
+		{format.LayoutSplit, 4096, 64 << 10, 64<<10*3 + 4096, ""},
+		{format.LayoutRaw, 512, 0, 100000, ""},
 	}
 }
 
@@ -36,7 +53,7 @@ func modelCases() []modelCase {
 func TestModel(t *testing.T) {
 	for _, mc := range modelCases() {
 		for _, fsName := range []string{"os", "mem"} {
-			t.Run(fmt.Sprintf("%s-ss%d-split%d-%s", mc.layout, mc.sectorSize, mc.split, fsName), func(t *testing.T) {
+			t.Run(fmt.Sprintf("%s-ss%d-split%d-%s-lut=%s", mc.layout, mc.sectorSize, mc.split, fsName, mc.lut.Or()), func(t *testing.T) {
 				seed := uint64(time.Now().UnixNano())
 				t.Logf("seed %d", seed)
 				var fsys vfs.FS
@@ -51,7 +68,7 @@ func TestModel(t *testing.T) {
 
 func runModel(t *testing.T, mc modelCase, fsys vfs.FS, seed uint64, ops int) {
 	rng := rand.New(rand.NewPCG(seed, 1))
-	path := testImage(t, Params{Layout: mc.layout, Size: mc.size, Split: mc.split, SectorSize: mc.sectorSize}, fsys, false)
+	path := testImage(t, format.Params{Layout: mc.layout, Size: mc.size, Split: mc.split, SectorSize: mc.sectorSize, LUT: mc.lut}, fsys, false)
 	d := mustOpen(t, path, &Options{FS: fsys})
 	defer func() { d.Close() }()
 	size := d.Size()

@@ -1,13 +1,10 @@
 package blockif
 
 import (
-	"fmt"
-	"path/filepath"
 	"syscall"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/vfs"
-	"golang.org/x/sys/unix"
 )
 
 // OnDiskBytes is what the image's files occupy on their device, as du
@@ -22,6 +19,11 @@ func (d *Disk) OnDiskBytes() (int64, error) {
 		return 0, err
 	}
 	defer d.leave()
+	return d.onDiskBytes()
+}
+
+// onDiskBytes is OnDiskBytes without entering.
+func (d *Disk) onDiskBytes() (int64, error) {
 	var total int64
 	for _, s := range d.segs {
 		a, err := d.allocatedFile(s.Path(), s.Allocated)
@@ -30,11 +32,11 @@ func (d *Disk) OnDiskBytes() (int64, error) {
 		}
 		total += a
 	}
-	if d.desc.Layout == LayoutRaw {
+	if d.desc.Layout == format.LayoutRaw {
 		return total, nil // the raw file is the one segment
 	}
 	names := []string{d.path}
-	if d.desc.Layout == LayoutSparse {
+	if d.desc.Layout == format.LayoutSparse {
 		names = append(names, d.path+lut.Suffix)
 	}
 	for _, name := range names {
@@ -65,22 +67,4 @@ func (d *Disk) allocatedFile(name string, slow func() (int64, error)) (int64, er
 		return st.Blocks * 512, nil
 	}
 	return slow()
-}
-
-// checkRoom refuses to start writing n bytes (what: for the message) next
-// to path when its file system has less room than that, so a mistyped
-// size fails at once with a clear message instead of filling the disk.
-// Only the operating system's file system is asked.
-func checkRoom(fsys vfs.FS, path string, n int64, what string) error {
-	if _, ok := fsys.(vfs.OS); !ok || n <= 0 {
-		return nil
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(filepath.Dir(path), &st); err != nil {
-		return nil // cannot tell: let the writes report it
-	}
-	if avail := int64(st.Bavail) * int64(st.Bsize); avail >= 0 && n > avail {
-		return fmt.Errorf("%s need %s but the file system holding %s has %s free: %w", what, HumanSize(n), path, HumanSize(avail), syscall.ENOSPC)
-	}
-	return nil
 }

@@ -2,34 +2,11 @@ package fusefs
 
 import "github.com/sparsedisk/sparsedisk/blockif"
 
-// Backend is the block device the mount exposes as one file. *blockif.Disk
-// satisfies it. Implementations must be safe for concurrent use: the mount
-// calls every method from many goroutines at once.
-type Backend interface {
-	// ReadAt reads len(p) bytes at off; the mount never asks past Size.
-	ReadAt(p []byte, off int64) (int, error)
-	// WriteAt writes p at off; the mount never asks past Size.
-	WriteAt(p []byte, off int64) (int, error)
-	// Flush makes every write completed before the call durable.
-	Flush() error
-	// Trim deallocates [off, off+n): it reads as zeros afterwards.
-	Trim(off, n int64) error
-	// WriteZeroes makes [off, off+n) read as zeros.
-	WriteZeroes(off, n int64) error
-	// Extents describes [off, off+n) exactly, in order, as allocated and
-	// unallocated (reads-as-zeros) runs.
-	Extents(off, n int64) ([]blockif.Extent, error)
-	// Size is the fixed size of the disk in bytes.
-	Size() int64
-	// ReadOnly reports whether writes are refused.
-	ReadOnly() bool
-}
-
-// OnDiskByteser is an optional Backend extension: the bytes the backend's
+// OnDiskByteser is an optional extension of the mounted blockif.Device: the bytes the backend's
 // storage occupies on its device, found cheaply. *blockif.Disk has it
 // (OnDiskBytes: the allocated blocks of the image's files, one stat each,
 // whatever the layout). When present it is what st_blocks and statfs
-// report, re-read at most once per attribute timeout. Like every Backend
+// report, re-read at most once per attribute timeout. Like every Device
 // method it must be safe for concurrent use.
 type OnDiskByteser interface {
 	OnDiskBytes() (int64, error)
@@ -39,7 +16,7 @@ type OnDiskByteser interface {
 // it, otherwise the allocated runs of Extents over the whole disk (which
 // for a large image may be costly: the mount recounts only after a data
 // change).
-func allocatedBytes(b Backend) (int64, error) {
+func allocatedBytes(b blockif.Device) (int64, error) {
 	if a, ok := b.(OnDiskByteser); ok {
 		return a.OnDiskBytes()
 	}
@@ -66,13 +43,13 @@ const extentWindow = 1 << 30
 
 // seekData returns the first offset >= off that lies in allocated data, or
 // ENXIO-equivalent ok=false when there is none before the end.
-func seekData(b Backend, off int64) (int64, bool, error) {
+func seekData(b blockif.Device, off int64) (int64, bool, error) {
 	return seekKind(b, off, true)
 }
 
 // seekHole returns the first offset >= off that lies in a hole; the end of
 // the disk counts as a hole, so it always succeeds for off < Size.
-func seekHole(b Backend, off int64) (int64, error) {
+func seekHole(b blockif.Device, off int64) (int64, error) {
 	pos, ok, err := seekKind(b, off, false)
 	if err != nil {
 		return 0, err
@@ -83,7 +60,7 @@ func seekHole(b Backend, off int64) (int64, error) {
 	return pos, nil
 }
 
-func seekKind(b Backend, off int64, allocated bool) (int64, bool, error) {
+func seekKind(b blockif.Device, off int64, allocated bool) (int64, bool, error) {
 	size := b.Size()
 	for w := off; w < size; w += extentWindow {
 		n := min(extentWindow, size-w)

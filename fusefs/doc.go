@@ -7,7 +7,7 @@
 // # Design
 //
 // The mount root is a directory holding exactly one regular file whose
-// size is the disk size. The file is backed by a [Backend], a small
+// size is the disk size. The file is backed by a [blockif.Device], a small
 // interface (ReadAt, WriteAt, Flush, Trim, WriteZeroes, Extents, Size,
 // ReadOnly) that *blockif.Disk satisfies; tests also use an in-memory one.
 // File operations map one to one onto it:
@@ -15,12 +15,12 @@
 //   - read/write at any offset inside the disk. A write starting at or past
 //     the end fails with ENOSPC; one straddling the end is cut short there,
 //     as on a block device. The file never grows.
-//   - fsync and fdatasync both call Backend.Flush, which is global: every
+//   - fsync and fdatasync both call Device.Flush, which is global: every
 //     write acknowledged before the fsync, through any descriptor, is
 //     durable when it returns (the engine's durability contract).
 //   - a write the caller asked to be synchronous (a descriptor opened with
 //     O_SYNC or O_DSYNC, pwritev2 with RWF_SYNC or RWF_DSYNC) calls
-//     Backend.Flush before it is acknowledged. With direct I/O the kernel
+//     Device.Flush before it is acknowledged. With direct I/O the kernel
 //     sends no FSYNC for these; it only sets the WRITE request's flags,
 //     which the mount reads below go-fuse's node API (syncWrites).
 //   - close(2) does not flush the engine; close promises no durability and
@@ -34,7 +34,7 @@
 //     or without KEEP_SIZE, is WriteZeroes. Both free the space. Other modes,
 //     plain preallocation included, are EOPNOTSUPP (there is nothing to
 //     reserve: space is taken on first non-zero write).
-//   - lseek(SEEK_DATA/SEEK_HOLE) is answered from Backend.Extents, so
+//   - lseek(SEEK_DATA/SEEK_HOLE) is answered from Device.Extents, so
 //     cp --sparse, qemu-img and tar skip holes without reading them.
 //   - st_blocks is the space the image's files take on the host: for
 //     *blockif.Disk its OnDiskBytes, the allocated blocks of the segment
@@ -44,7 +44,7 @@
 //     LUT (a fixed 1/1024 of the disk size with 4 KiB sectors) and slots
 //     freed only by a later shrink, and a split or raw image counts what
 //     its sparse files really hold, not its full size. statfs reports the
-//     disk size as the total and the same count as used. A Backend without
+//     disk size as the total and the same count as used. A Device without
 //     OnDiskBytes is counted from its allocated Extents instead.
 //   - truncate (and open with O_TRUNC) to any size other than the current
 //     one fails with EPERM ([ErrSizeFixed]): the size belongs to the image
@@ -105,9 +105,9 @@
 //
 // go-fuse serves each request on its own goroutine and the kernel issues
 // reads and writes in parallel (async reads, parallel direct writes, async
-// direct I/O), so a Backend must be safe for concurrent use; the package
+// direct I/O), so a Device must be safe for concurrent use; the package
 // adds no lock on the data path. Ordering between overlapping concurrent
-// requests is whatever the Backend gives, as on a real disk. The only
+// requests is whatever the Device gives, as on a real disk. The only
 // mutable state of the file is cosmetic (mode, atime under a mutex, mtime in
 // an atomic). [Mount] is safe for concurrent use; [Errno] is a pure
 // function.

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
@@ -18,7 +19,7 @@ import (
 // faultMount mounts b and returns the mount, the open disk file and a
 // function that closes the file and unmounts (also run when the test ends,
 // if the test did not).
-func faultMount(t *testing.T, b Backend) (*Mount, *os.File, func()) {
+func faultMount(t *testing.T, b blockif.Device) (*Mount, *os.File, func()) {
 	t.Helper()
 	testutil.NeedFUSE(t)
 	m, err := New(t.TempDir(), b, &Options{Name: "disk"})
@@ -57,7 +58,7 @@ func TestDiskFullFUSE(t *testing.T) {
 	testutil.NeedFUSE(t)
 	dir := testutil.FaultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)
 	}
 	filler := filepath.Join(dir, "filler")
@@ -205,7 +206,7 @@ func TestReadEIOFUSE(t *testing.T) {
 	const mib = 1 << 20
 	ffs := vfs.NewFaultFS(vfs.OS{})
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { checkImage(t, path) })

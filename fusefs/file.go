@@ -10,6 +10,8 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/reqlog"
 )
 
 // fallocate mode bits (linux/falloc.h).
@@ -95,11 +97,11 @@ func (f *diskFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errn
 }
 
 // diskFile is the one regular file: the disk. Its data operations go
-// straight to the Backend with no locking here (the Backend is safe for
+// straight to the Device with no locking here (the Device is safe for
 // concurrent use); only the cosmetic attributes take mu.
 type diskFile struct {
 	fs.Inode
-	b        Backend
+	b        blockif.Device
 	name     string
 	readOnly bool
 	log      *slog.Logger
@@ -133,6 +135,10 @@ var (
 	_ fs.NodeStatfser  = (*diskFile)(nil)
 )
 
+// failedRequests rate-limits the log lines of requests the image failed,
+// across every mount of the process.
+var failedRequests reqlog.Limiter
+
 // fail logs an unexpected engine error and returns its errno. Expected
 // refusals (read-only, out of range, bad mode) are not logged.
 func (f *diskFile) fail(op string, off, n int64, err error) syscall.Errno {
@@ -140,7 +146,7 @@ func (f *diskFile) fail(op string, off, n int64, err error) syscall.Errno {
 	switch e {
 	case syscall.EROFS, syscall.EPERM, syscall.EOPNOTSUPP, syscall.EINTR:
 	default:
-		f.log.Error("fuse request failed", "op", op, "offset", off, "length", n, "errno", e.Error(), "err", err)
+		failedRequests.Failed(f.log, f.b, "fuse "+op, off, n, e, err)
 	}
 	return e
 }

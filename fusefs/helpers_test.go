@@ -10,7 +10,9 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
 
@@ -41,7 +43,7 @@ func run(t testing.TB, name string, args ...string) string {
 }
 
 // mountT mounts b at a fresh directory and unmounts it when the test ends.
-func mountT(t testing.TB, b Backend, o *Options) *Mount {
+func mountT(t testing.TB, b blockif.Device, o *Options) *Mount {
 	t.Helper()
 	testutil.NeedFUSE(t)
 	if o == nil {
@@ -89,12 +91,12 @@ func unmountT(t testing.TB, m *Mount) {
 	}
 }
 
-// newImage creates a sparse image and, at the end of the test, checks it
+// newImage creates a sparse image (LUT kind kind) and, at the end of the test, checks it
 // for corruption (after every Close registered later has run).
-func newImage(t testing.TB, size, split, sector int64) string {
+func newImage(t testing.TB, size, split, sector int64, kind lut.Kind) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	p := blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: split, SectorSize: sector}
+	p := format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector, LUT: kind}
 	if err := blockif.Create(path, p, nil); err != nil {
 		t.Fatalf("create: %v", err)
 	}
@@ -177,7 +179,7 @@ func dataRuns(t testing.TB, f *os.File, size int64) []blockif.Extent {
 }
 
 // allocatedRuns merges a backend's allocated extents into maximal runs.
-func allocatedRuns(t testing.TB, b Backend) []blockif.Extent {
+func allocatedRuns(t testing.TB, b blockif.Device) []blockif.Extent {
 	t.Helper()
 	ext, err := b.Extents(0, b.Size())
 	if err != nil {
@@ -195,4 +197,13 @@ func allocatedRuns(t testing.TB, b Backend) []blockif.Extent {
 		}
 	}
 	return runs
+}
+
+// forEachKind runs fn as one subtest per LUT kind (xhyve, thin), for the
+// tests that serve images of both kinds.
+func forEachKind(t *testing.T, fn func(t *testing.T, kind lut.Kind)) {
+	t.Helper()
+	for _, k := range lut.Kinds {
+		t.Run("lut="+string(k), func(t *testing.T) { fn(t, k) })
+	}
 }

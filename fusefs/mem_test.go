@@ -24,8 +24,9 @@ func newMemBackend(size int64) *memBackend {
 	return &memBackend{data: make([]byte, size), alloc: make([]bool, (size+memBlock-1)/memBlock)}
 }
 
-func (m *memBackend) Size() int64    { return int64(len(m.data)) }
-func (m *memBackend) ReadOnly() bool { return m.ro }
+func (m *memBackend) Size() int64       { return int64(len(m.data)) }
+func (m *memBackend) SectorSize() int64 { return memBlock }
+func (m *memBackend) ReadOnly() bool    { return m.ro }
 
 func (m *memBackend) check(off, n int64) error {
 	if off < 0 || n < 0 || off+n > int64(len(m.data)) {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"github.com/sparsedisk/sparsedisk/blockif"
 )
 
 // MaxWrite is the largest read or write request the kernel sends: 1 MiB,
@@ -32,8 +33,8 @@ const attrTimeout = time.Second
 type Options struct {
 	// Name is the file name inside the mount point. Required.
 	Name string
-	// ReadOnly mounts read-only even when the Backend is writable. A
-	// read-only Backend always gives a read-only mount.
+	// ReadOnly mounts read-only even when the Device is writable. A
+	// read-only Device always gives a read-only mount.
 	ReadOnly bool
 	// AllowOther lets users other than the mounting one see the mount
 	// (the FUSE allow_other option; non-root needs user_allow_other in
@@ -61,7 +62,7 @@ type Mount struct {
 // file o.Name, and starts serving in the background. Call Wait to block
 // until the file system is unmounted (by Unmount, umount(8) or
 // fusermount3 -u).
-func New(dir string, b Backend, o *Options) (*Mount, error) {
+func New(dir string, b blockif.Device, o *Options) (*Mount, error) {
 	if o == nil {
 		o = &Options{}
 	}

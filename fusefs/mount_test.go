@@ -19,6 +19,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
 
@@ -315,7 +316,7 @@ func TestReadOnlyMount(t *testing.T) {
 }
 
 func TestReadOnlyImage(t *testing.T) {
-	path := newImage(t, 4<<20, 1<<20, 4096)
+	path := newImage(t, 4<<20, 1<<20, 4096, lut.Xhyve)
 	d := openImage(t, path, &blockif.Options{ReadOnly: true})
 	m := mountT(t, d, nil)
 	if !m.ReadOnly() {
@@ -330,7 +331,7 @@ func TestReadOnlyImage(t *testing.T) {
 // a real image, so the race detector sees the concurrent data path.
 func TestParallelIO(t *testing.T) {
 	const size, workers, chunk = 32 << 20, 8, 256 << 10
-	path := newImage(t, size, 1<<20, 4096)
+	path := newImage(t, size, 1<<20, 4096, lut.Xhyve)
 	d := openImage(t, path, nil)
 	m := mountT(t, d, nil)
 	f := openFile(t, m, os.O_RDWR)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
@@ -79,7 +80,7 @@ func TestSpaceHugeImage(t *testing.T) {
 	const size, split = 1 << 40, 1 << 30
 	path := filepath.Join(t.TempDir(), "huge.img")
 	start := time.Now()
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: split, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: 4096}, nil); err != nil {
 		t.Fatalf("create: %v", err)
 	}
 	t.Logf("created a 1 TiB image in %v", time.Since(start).Round(time.Millisecond))
@@ -140,7 +141,7 @@ func TestSpaceHugeImage(t *testing.T) {
 func TestSpaceSplitImage(t *testing.T) {
 	const size, split = 64 << 20, 16 << 20
 	path := filepath.Join(t.TempDir(), "split.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSplit, Size: size, Split: split, SectorSize: 512}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSplit, Size: size, Split: split, SectorSize: 512}, nil); err != nil {
 		t.Fatalf("create: %v", err)
 	}
 	t.Cleanup(func() { checkImage(t, path) })

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"container/list"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,15 @@ import (
 type conn struct {
 	s   *Server
 	log *slog.Logger
+	raw net.Conn // the accepted socket, closed to evict the connection
+
+	// The server's slot bookkeeping, protected by s.mu: elem is the
+	// connection's entry in s.pending while it negotiates, admitted is
+	// set once it holds a session slot, evicted once a newer connection
+	// took its pending slot.
+	elem     *list.Element
+	admitted bool
+	evicted  bool
 
 	// mu protects nc (replaced by a *tls.Conn after STARTTLS), transmitting
 	// and stopping.
@@ -33,7 +43,7 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	return &conn{s: s, nc: nc, log: s.log.With("remote", remoteAddr(nc))}
+	return &conn{s: s, nc: nc, raw: nc, log: s.log.With("remote", remoteAddr(nc))}
 }
 
 // rw returns the current transport.
@@ -63,8 +73,8 @@ func (c *conn) stop() {
 	}
 }
 
-// serve runs the connection until it ends. The caller closes the socket
-// (after releasing the connection's slot, see Server.ServeConn).
+// serve runs the connection until it ends. It does not close the socket:
+// the caller frees the connection's slot first, then closes.
 func (c *conn) serve() {
 	if tc, ok := c.nc.(*net.TCPConn); ok {
 		_ = tc.SetNoDelay(true)
@@ -79,8 +89,10 @@ func (c *conn) serve() {
 		switch {
 		case errors.Is(err, errAbort):
 			c.log.Debug("nbd: client aborted negotiation")
-		case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+		case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed), errors.Is(err, ErrEvicted):
 			c.log.Debug("nbd: connection closed during handshake", "err", err)
+		case errors.Is(err, ErrTooManyConnections):
+			c.s.warnBadClient(c.log, "nbd: client refused", err)
 		default:
 			c.s.warnBadClient(c.log, "nbd: handshake failed", err)
 		}

@@ -1,10 +1,10 @@
 // Package nbd is sparsedisk's Network Block Device server: it serves one or
-// more [Backend]s (normally *blockif.Disk images) to NBD clients such as
+// more [blockif.Device]s (normally *blockif.Disk images) to NBD clients such as
 // qemu, the libnbd tools (nbdinfo, nbdcopy, nbdsh), nbd-client and the
 // Linux kernel's /dev/nbdX.
 //
-// It is written against the protocol document kept in the project's shared
-// reference directory (nbd-proto.md), not ported from another server.
+// It is written against the NBD protocol specification (doc/proto.md in
+// the NetworkBlockDevice/nbd project), not ported from another server.
 //
 // # Design
 //
@@ -21,11 +21,22 @@
 // Every export advertises HAS_FLAGS, SEND_FLUSH, SEND_CACHE and
 // CAN_MULTI_CONN; writable exports add SEND_FUA, SEND_TRIM,
 // SEND_WRITE_ZEROES and SEND_FAST_ZERO, read-only ones READ_ONLY; SEND_DF
-// is set once structured replies are negotiated. NBD_INFO_BLOCK_SIZE
-// advertises the image's sector size as minimum and preferred block size
-// and Config.MaxPayload (32 MiB) as maximum payload. Alignment is enforced
-// only for clients that asked for block sizes with NBD_OPT_GO, as the
-// protocol requires; the engine handles any byte range for the others.
+// is set once structured replies are negotiated.
+//
+// Any alignment is served: NBD_INFO_BLOCK_SIZE advertises a minimum block
+// size of 1, the image's sector size (at least 512) as preferred block
+// size and Config.MaxPayload (32 MiB) as maximum payload, as qemu-nbd and
+// nbdkit do for files. The engine turns a partial sector into a
+// read-modify-write under its per-sector range lock, so unaligned writes
+// from any number of connections never tear a sector, and TRIM and
+// WRITE_ZEROES zero partial edge sectors and free only whole ones.
+// Config.MinBlock (`serve --min-block`) advertises a larger minimum
+// instead; it is enforced with NBD_EINVAL for clients that asked for
+// block sizes with NBD_OPT_GO (as the protocol allows), and the engine
+// still serves the others at any alignment. BLOCK_STATUS descriptors are
+// multiples of the sector size and of the minimum block size (a partly
+// allocated block is reported allocated), except where the query itself
+// starts or ends unaligned.
 //
 // With structured replies, a READ of 64 KiB or more is answered from the
 // engine's allocation map (shorter ones are one data chunk): unallocated runs become NBD_REPLY_TYPE_OFFSET_HOLE chunks, allocated
@@ -68,6 +79,10 @@
 // its sequential read throughput there (see tcp.go). Other connections
 // keep the system's choice.
 //
+// [ClientGo] is the client side of a handshake, for a socket that is
+// then handed to a client that cannot negotiate itself (the Linux
+// kernel's NBD driver, in `sparsedisk attach`).
+//
 // # Concurrency
 //
 // A [Server] is safe for concurrent use. Each connection has one goroutine
@@ -88,12 +103,20 @@
 // Every resource a client can make the server hold is bounded, and the
 // zero Config is already bounded:
 //
-//   - Config.MaxConnections (default 128; negative = unlimited) counts
-//     connections from accept on, handshaking or not. A connection beyond
-//     it is reset at once, before a byte is sent or any state allocated;
-//     refusals are logged at most once a second. Running out of file
-//     descriptors (EMFILE, ENFILE) makes Serve back off and retry, never
-//     return.
+//   - Negotiated sessions and pending handshakes have separate budgets,
+//     so idle sockets cannot lock real clients out.
+//     Config.MaxHandshakes (default 128) bounds the connections still
+//     negotiating: a connection accepted while the budget is full evicts
+//     (resets) the oldest pending one, never the newcomer, so a real
+//     client is refused only if that many newer connections arrive while
+//     it negotiates; evictions are logged at most once a second.
+//     Config.MaxConnections (default 128) bounds negotiated sessions: a
+//     client asking for an export beyond it gets NBD_REP_ERR_POLICY (a
+//     dropped connection after NBD_OPT_EXPORT_NAME) and may retry. A
+//     connection frees its slot before its socket is closed, so a client
+//     that reconnects as soon as it sees the close finds the slot free.
+//     Running out of file descriptors (EMFILE, ENFILE) makes Serve back
+//     off and retry, never return.
 //   - Config.HandshakeTimeout (default 10 s) is one absolute deadline for
 //     the whole negotiation, TLS included, so a client that trickles bytes
 //     is dropped as surely as a silent one.
@@ -108,7 +131,8 @@
 //     is read. A connection's buffers therefore stay within a small
 //     multiple of MaxInFlightBytes (requests executing, replies queued,
 //     the batch being written), and the server's within MaxConnections
-//     times that.
+//     times that, plus MaxHandshakes times one option's data (64 KiB),
+//     a goroutine and, during STARTTLS, the TLS handshake state.
 //   - Config.WriteTimeout (default 2 min) bounds the sending of each reply,
 //     TCP keep-alive finds vanished peers, and the optional
 //     Config.IdleTimeout closes connections that send nothing.

@@ -31,9 +31,13 @@ var (
 	// ErrTLSRequired: the server requires TLS and the client did not
 	// start it.
 	ErrTLSRequired = errors.New("sparsedisk/nbd: TLS required")
-	// ErrTooManyConnections: Config.MaxConnections was reached; the new
-	// connection was closed.
+	// ErrTooManyConnections: Config.MaxConnections negotiated connections
+	// exist; a client asking for an export is refused (NBD_REP_ERR_POLICY
+	// for NBD_OPT_GO, a dropped connection for NBD_OPT_EXPORT_NAME).
 	ErrTooManyConnections = errors.New("sparsedisk/nbd: too many connections")
+	// ErrEvicted: Config.MaxHandshakes connections were negotiating when a
+	// new one arrived, so the oldest of them was reset.
+	ErrEvicted = errors.New("sparsedisk/nbd: pending handshake evicted by a newer connection")
 	// ErrOutOfRange: a request reaches past the end of the export.
 	ErrOutOfRange = errors.New("sparsedisk/nbd: request out of range")
 	// ErrUnaligned: a request is not aligned to the minimum block size the

@@ -3,6 +3,8 @@ package nbd
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
@@ -71,7 +74,7 @@ func TestDiskFullNBD(t *testing.T) {
 	)
 	dir := testutil.FaultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)
 	}
 	filler := filepath.Join(dir, "filler")
@@ -255,7 +258,7 @@ func TestDiskFullNBD(t *testing.T) {
 		t.Fatalf("close once space is back: %v", err)
 	}
 	d = nil
-	if st, err := blockif.ReadDescriptor(nil, path); err != nil || st.State != blockif.StateClean {
+	if st, err := format.ReadDescriptor(nil, path); err != nil || st.State != format.StateClean {
 		t.Errorf("descriptor after close: %+v %v", st, err)
 	}
 	r, err = blockif.Check(path, nil)
@@ -274,7 +277,7 @@ func TestReadEIONBD(t *testing.T) {
 	const mib = 1 << 20
 	ffs := vfs.NewFaultFS(vfs.OS{})
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: 4 * mib, Split: mib, SectorSize: ss}, &blockif.Options{FS: ffs}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -309,7 +312,8 @@ func TestReadEIONBD(t *testing.T) {
 		}
 		return nil
 	})
-	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
+	logs := &testutil.SyncBuffer{}
+	_, addr := startServer(t, Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, Export{Name: "disk", Backend: d})
 	c := dial(t, addr)
 	c.connect("disk", connectOpts{})
 	steps := []struct {
@@ -337,6 +341,12 @@ func TestReadEIONBD(t *testing.T) {
 	}
 	if _, ok := failed.Load(int64(0)); !ok {
 		t.Error("the fault was never hit at the failing segment's first slot")
+	}
+	// The failures are logged at the default level, naming the image,
+	// the offset and the errno.
+	if got := logs.String(); !strings.Contains(got, "request failed") || !strings.Contains(got, "image="+path) ||
+		!strings.Contains(got, fmt.Sprintf("offset=%d", mib)) || !strings.Contains(got, "EIO") || !strings.Contains(got, "level=WARN") {
+		t.Errorf("failed reads are not logged at the default level with image, offset and errno:\n%s", got)
 	}
 	// A whole-sector overwrite in the failing segment needs no read; a
 	// partial one must read the sector first and fails with EIO.

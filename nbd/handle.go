@@ -145,7 +145,7 @@ var zeroBuf = make([]byte, 1<<20)
 func (t *transmission) reply(req request, err error) {
 	errno := errnoFor(req.typ, err)
 	if err != nil {
-		t.c.log.Debug("nbd: request failed", "cmd", cmdName(req.typ), "offset", req.offset, "length", req.length, "errno", errno, "err", err)
+		logFailed(t.c.s, t.c.log, t.x, req, errno, err)
 	}
 	if t.sess.structured && errno != 0 {
 		t.send(errorChunk(req.cookie, errno, err), nil)
@@ -323,6 +323,52 @@ func mergeRuns(exts []blockif.Extent, off, n int64) []blockif.Extent {
 	return runs
 }
 
+// coarsen makes every boundary between runs, except the start and end of
+// the range they cover, fall on a multiple of b: holes shrink to the
+// whole b-blocks they contain and the rest is reported allocated, which
+// is always safe (status 0). The protocol wants block-status descriptors
+// to be multiples of the minimum block size, and of 512 bytes where
+// possible, whatever the backend's granularity.
+func coarsen(runs []blockif.Extent, b int64) []blockif.Extent {
+	if b <= 1 || len(runs) == 0 {
+		return runs
+	}
+	start, end := runs[0].Offset, runs[len(runs)-1].Offset+runs[len(runs)-1].Length
+	out := make([]blockif.Extent, 0, len(runs))
+	add := func(o, l int64, alloc bool) {
+		if l <= 0 {
+			return
+		}
+		if k := len(out) - 1; k >= 0 && out[k].Allocated == alloc {
+			out[k].Length += l
+			return
+		}
+		out = append(out, blockif.Extent{Offset: o, Length: l, Allocated: alloc})
+	}
+	for _, r := range runs {
+		rs, re := r.Offset, r.Offset+r.Length
+		if r.Allocated {
+			add(rs, r.Length, true)
+			continue
+		}
+		hs, he := rs, re
+		if hs != start {
+			hs = (hs + b - 1) / b * b
+		}
+		if he != end {
+			he = he / b * b
+		}
+		if he <= hs {
+			add(rs, r.Length, true)
+			continue
+		}
+		add(rs, hs-rs, true)
+		add(hs, he-hs, false)
+		add(he, re-he, true)
+	}
+	return out
+}
+
 // blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation straight
 // from the engine's extents: unallocated is HOLE|ZERO, allocated is 0.
 func (t *transmission) blockStatus(req request) {
@@ -344,7 +390,7 @@ func (t *transmission) blockStatus(req request) {
 		t.reply(req, err)
 		return
 	}
-	runs := mergeRuns(exts, off, n)
+	runs := coarsen(mergeRuns(exts, off, n), max(int64(t.x.minBlock), 512))
 	if req.flags&cflagReqOne != 0 {
 		runs = runs[:1]
 	}

@@ -126,6 +126,9 @@ func (c *conn) option(sess *session, opt uint32, data []byte) (e *export, done b
 		if x == nil {
 			return nil, false, fmt.Errorf("%w: %q (NBD_OPT_EXPORT_NAME)", ErrUnknownExport, data)
 		}
+		if err := c.s.admit(c); err != nil {
+			return nil, false, err // no error reply exists for EXPORT_NAME
+		}
 		b := be.AppendUint64(nil, uint64(x.size))
 		b = be.AppendUint16(b, c.transmissionFlags(x, sess))
 		if !sess.noZeroes {
@@ -183,6 +186,14 @@ func (c *conn) option(sess *session, opt uint32, data []byte) (e *export, done b
 		if x == nil {
 			return nil, false, c.optReply(opt, repErrUnknown, fmt.Sprintf("no export named %q", req.name))
 		}
+		if opt == optGo {
+			if err := c.s.admit(c); errors.Is(err, ErrTooManyConnections) {
+				c.log.Debug("nbd: client refused", "err", err)
+				return nil, false, c.optReply(opt, repErrPolicy, fmt.Sprintf("too many connections (%d), try again later", c.s.cfg.MaxConnections))
+			} else if err != nil {
+				return nil, false, err
+			}
+		}
 		wantName, wantDesc, wantBS := false, false, false
 		for _, t := range req.infos {
 			switch t {
@@ -212,11 +223,11 @@ func (c *conn) option(sess *session, opt uint32, data []byte) (e *export, done b
 				return nil, false, err
 			}
 		}
-		// Block sizes are always sent: they are non-default, and clients
-		// that did not ask may still use them as a hint.
+		// Block sizes are always sent: clients that did not ask may
+		// still use them as a hint (the preferred size is the sector).
 		d := be.AppendUint16(nil, infoBlockSize)
 		d = be.AppendUint32(d, x.minBlock)
-		d = be.AppendUint32(d, x.minBlock)
+		d = be.AppendUint32(d, x.prefBlock)
 		d = be.AppendUint32(d, c.s.cfg.MaxPayload)
 		if err := c.optReplyData(opt, repInfo, d); err != nil {
 			return nil, false, err

@@ -8,7 +8,6 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -188,31 +187,6 @@ func dial(t testing.TB, addr string) *client {
 	_ = nc.SetDeadline(time.Now().Add(30 * time.Second))
 	t.Cleanup(func() { nc.Close() })
 	return &client{t: t, nc: nc}
-}
-
-// expectRefused dials addr and checks that the server refuses the
-// connection: no greeting, the connection reset or closed. The server
-// refuses with a reset, which may reach the client while its non-blocking
-// connect is still completing, so a dial failing with ECONNRESET is a
-// refusal too.
-func expectRefused(t testing.TB, addr string) {
-	t.Helper()
-	nc, err := net.Dial("tcp", addr)
-	if errors.Is(err, syscall.ECONNRESET) {
-		return
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	_ = nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	n, err := io.Copy(io.Discard, nc)
-	if ne, ok := err.(net.Error); ok && ne.Timeout() {
-		t.Fatal("connection neither refused nor closed within 10s")
-	}
-	if n != 0 {
-		t.Fatalf("refused connection got %d bytes (a greeting?)", n)
-	}
 }
 
 func (c *client) write(b []byte) {

@@ -17,20 +17,19 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
-// *blockif.Disk is the backend the server is built for.
-var _ Backend = (*blockif.Disk)(nil)
-
-// newImage creates a sparse blockif image in a temporary directory, opens
+// newImage creates a sparse blockif image (LUT kind kind) in a temporary directory, opens
 // it, and registers cleanups that close it and then fail the test on any
 // corruption blockif.Check finds. Register the server after this, so that
 // it is stopped before the image is closed.
-func newImage(t testing.TB, size, split, sector int64, ro bool) *blockif.Disk {
+func newImage(t testing.TB, size, split, sector int64, ro bool, kind lut.Kind) *blockif.Disk {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: split, SectorSize: sector}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: split, SectorSize: sector, LUT: kind}, nil); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -50,7 +49,7 @@ func newImage(t testing.TB, size, split, sector int64, ro bool) *blockif.Disk {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := d.Close(); err != nil {
+		if err := d.Close(); err != nil && !errors.Is(err, blockif.ErrClosed) {
 			t.Errorf("close %s: %v", path, err)
 		}
 	})
@@ -87,68 +86,70 @@ const (
 // TestQemuIO drives qemu-io's pattern writes and reads against an image
 // whose 1 MiB segments make I/O straddle segment boundaries.
 func TestQemuIO(t *testing.T) {
-	qio := testutil.NeedTool(t, "qemu-io")
-	for _, sector := range []int64{512, 4096} {
-		t.Run(fmt.Sprintf("sector%d", sector), func(t *testing.T) {
-			d := newImage(t, 64*mib, mib, sector, false)
-			_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
-			cmds := []string{
-				"write -P 0xab 1048000 10000", // unaligned, straddles segment 0/1
-				"read -P 0xab 1048000 10000",
-				"write -P 0x11 3 5", // tiny, unaligned
-				"read -P 0x11 3 5",
-				"read -P 0 0 3",
-				"read -P 0 8 4088",
-				"write -P 0x5a 3145216 2097664", // 2 MiB + 512 across two boundaries
-				"read -P 0x5a 3145216 2097664",
-				"discard 3145728 1048576", // punch segment 3
-				"read -P 0 3145728 1048576",
-				"read -P 0x5a 4194304 1048576",
-				"write -z 1048576 65536",
-				"read -P 0 1048576 65536",
-				"read -P 0xab 1048000 576",
-				"write -z -u 4194304 1048576",
-				"read -P 0 4194304 1048576",
-				"aio_write -P 0x21 10485760 65536",
-				"aio_write -P 0x22 10551296 65536",
-				"aio_write -P 0x23 10616832 65536",
-				"aio_write -P 0x24 10682368 65536",
-				"aio_write -P 0x25 10747904 65536",
-				"aio_write -P 0x26 10813440 65536",
-				"aio_write -P 0x27 10878976 65536",
-				"aio_write -P 0x28 10944512 65536",
-				"aio_flush",
-				"read -P 0x21 10485760 65536",
-				"read -P 0x24 10682368 65536",
-				"read -P 0x28 10944512 65536",
-				"flush",
-				"write -f -P 0x77 67104768 1024", // FUA, last KiB of the disk
-				"read -P 0x77 67104768 1024",
-			}
-			args := []string{"-f", "raw"}
-			for _, c := range cmds {
-				args = append(args, "-c", c)
-			}
-			for _, cache := range [][]string{nil, {"-t", "writeback"}} {
-				a := append(append([]string{}, cache...), append(args, uri(addr, "disk"))...)
-				out := run(t, qio, a...)
-				if strings.Contains(out, "fail") || strings.Contains(out, "error") {
-					t.Fatalf("qemu-io %v:\n%s", cache, out)
+	forEachKind(t, func(t *testing.T, kind lut.Kind) {
+		qio := testutil.NeedTool(t, "qemu-io")
+		for _, sector := range []int64{512, 4096} {
+			t.Run(fmt.Sprintf("sector%d", sector), func(t *testing.T) {
+				d := newImage(t, 64*mib, mib, sector, false, kind)
+				_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
+				cmds := []string{
+					"write -P 0xab 1048000 10000", // unaligned, straddles segment 0/1
+					"read -P 0xab 1048000 10000",
+					"write -P 0x11 3 5", // tiny, unaligned
+					"read -P 0x11 3 5",
+					"read -P 0 0 3",
+					"read -P 0 8 4088",
+					"write -P 0x5a 3145216 2097664", // 2 MiB + 512 across two boundaries
+					"read -P 0x5a 3145216 2097664",
+					"discard 3145728 1048576", // punch segment 3
+					"read -P 0 3145728 1048576",
+					"read -P 0x5a 4194304 1048576",
+					"write -z 1048576 65536",
+					"read -P 0 1048576 65536",
+					"read -P 0xab 1048000 576",
+					"write -z -u 4194304 1048576",
+					"read -P 0 4194304 1048576",
+					"aio_write -P 0x21 10485760 65536",
+					"aio_write -P 0x22 10551296 65536",
+					"aio_write -P 0x23 10616832 65536",
+					"aio_write -P 0x24 10682368 65536",
+					"aio_write -P 0x25 10747904 65536",
+					"aio_write -P 0x26 10813440 65536",
+					"aio_write -P 0x27 10878976 65536",
+					"aio_write -P 0x28 10944512 65536",
+					"aio_flush",
+					"read -P 0x21 10485760 65536",
+					"read -P 0x24 10682368 65536",
+					"read -P 0x28 10944512 65536",
+					"flush",
+					"write -f -P 0x77 67104768 1024", // FUA, last KiB of the disk
+					"read -P 0x77 67104768 1024",
 				}
-			}
-			// Out of range is an error, not a dropped connection.
-			out, _ := runErr(qio, "-f", "raw", "-c", "read 67108864 512", "-c", "read -P 0x77 67104768 1024", uri(addr, "disk"))
-			if !strings.Contains(out, "read 1024/1024") {
-				t.Fatalf("qemu-io after out-of-range read:\n%s", out)
-			}
-		})
-	}
+				args := []string{"-f", "raw"}
+				for _, c := range cmds {
+					args = append(args, "-c", c)
+				}
+				for _, cache := range [][]string{nil, {"-t", "writeback"}} {
+					a := append(append([]string{}, cache...), append(args, uri(addr, "disk"))...)
+					out := run(t, qio, a...)
+					if strings.Contains(out, "fail") || strings.Contains(out, "error") {
+						t.Fatalf("qemu-io %v:\n%s", cache, out)
+					}
+				}
+				// Out of range is an error, not a dropped connection.
+				out, _ := runErr(qio, "-f", "raw", "-c", "read 67108864 512", "-c", "read -P 0x77 67104768 1024", uri(addr, "disk"))
+				if !strings.Contains(out, "read 1024/1024") {
+					t.Fatalf("qemu-io after out-of-range read:\n%s", out)
+				}
+			})
+		}
+	})
 }
 
 // TestQemuImg: info, convert in and out, compare and map against nbd://.
 func TestQemuImg(t *testing.T) {
 	qimg := testutil.NeedTool(t, "qemu-img")
-	d := newImage(t, 32*mib, mib, 4096, false)
+	d := newImage(t, 32*mib, mib, 4096, false, lut.Xhyve)
 	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
 	u := uri(addr, "disk")
 
@@ -214,90 +215,93 @@ func TestQemuImg(t *testing.T) {
 // TestNbdinfo: --list, --map of a 20 GiB image with three written ranges,
 // and --can/--is for every advertised flag.
 func TestNbdinfo(t *testing.T) {
-	ni := testutil.NeedTool(t, "nbdinfo")
-	big := newImage(t, 20*gib, gib, 4096, false)
-	ro := newImage(t, 16*mib, mib, 4096, true)
-	_, addr := startServer(t, Config{},
-		Export{Name: "big", Description: "twenty gigs", Backend: big},
-		Export{Name: "ro", Backend: ro})
+	forEachKind(t, func(t *testing.T, kind lut.Kind) {
+		ni := testutil.NeedTool(t, "nbdinfo")
+		big := newImage(t, 20*gib, gib, 4096, false, kind)
+		ro := newImage(t, 16*mib, mib, 4096, true, kind)
+		_, addr := startServer(t, Config{},
+			Export{Name: "big", Description: "twenty gigs", Backend: big},
+			Export{Name: "ro", Backend: ro})
 
-	out := run(t, ni, "--list", "--json", "nbd://"+addr)
-	var list struct {
-		Exports []struct {
-			Name string `json:"export-name"`
-			Desc string `json:"description"`
-			Size int64  `json:"export-size"`
-			RO   bool   `json:"is_read_only"`
-			Min  int64  `json:"block_size_minimum"`
-			Max  int64  `json:"block_size_maximum"`
-		} `json:"exports"`
-	}
-	if err := json.Unmarshal([]byte(out), &list); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	if len(list.Exports) != 2 || list.Exports[0].Name != "big" || list.Exports[0].Size != 20*gib ||
-		list.Exports[0].Desc != "twenty gigs" || list.Exports[0].Min != 4096 || list.Exports[0].Max != 32*mib ||
-		list.Exports[1].Name != "ro" || !list.Exports[1].RO {
-		t.Fatalf("nbdinfo --list:\n%s", out)
-	}
+		out := run(t, ni, "--list", "--json", "nbd://"+addr)
+		var list struct {
+			Exports []struct {
+				Name string `json:"export-name"`
+				Desc string `json:"description"`
+				Size int64  `json:"export-size"`
+				RO   bool   `json:"is_read_only"`
+				Min  int64  `json:"block_size_minimum"`
+				Pref int64  `json:"block_size_preferred"`
+				Max  int64  `json:"block_size_maximum"`
+			} `json:"exports"`
+		}
+		if err := json.Unmarshal([]byte(out), &list); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if len(list.Exports) != 2 || list.Exports[0].Name != "big" || list.Exports[0].Size != 20*gib ||
+			list.Exports[0].Desc != "twenty gigs" || list.Exports[0].Min != 1 || list.Exports[0].Pref != 4096 || list.Exports[0].Max != 32*mib ||
+			list.Exports[1].Name != "ro" || !list.Exports[1].RO {
+			t.Fatalf("nbdinfo --list:\n%s", out)
+		}
 
-	ranges := [][2]int64{{0, 64 << 10}, {5*gib - 8192, 16384}, {20*gib - mib, mib}}
-	for i, r := range ranges {
-		if _, err := big.WriteAt(pattern(int(r[1]), byte(i+1)), r[0]); err != nil {
-			t.Fatal(err)
+		ranges := [][2]int64{{0, 64 << 10}, {5*gib - 8192, 16384}, {20*gib - mib, mib}}
+		for i, r := range ranges {
+			if _, err := big.WriteAt(pattern(int(r[1]), byte(i+1)), r[0]); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	out = run(t, ni, "--map", "--json", uri(addr, "big"))
-	var m []struct {
-		Offset int64  `json:"offset"`
-		Length int64  `json:"length"`
-		Type   uint32 `json:"type"`
-	}
-	if err := json.Unmarshal([]byte(out), &m); err != nil {
-		t.Fatalf("%v\n%s", err, out)
-	}
-	var data [][2]int64
-	next := int64(0)
-	for _, e := range m {
-		if e.Offset != next {
-			t.Fatalf("map not contiguous at %d:\n%s", e.Offset, out)
+		out = run(t, ni, "--map", "--json", uri(addr, "big"))
+		var m []struct {
+			Offset int64  `json:"offset"`
+			Length int64  `json:"length"`
+			Type   uint32 `json:"type"`
 		}
-		next = e.Offset + e.Length
-		if e.Type == 0 {
-			data = append(data, [2]int64{e.Offset, e.Length})
-		} else if e.Type != 3 {
-			t.Fatalf("unexpected type %d:\n%s", e.Type, out)
+		if err := json.Unmarshal([]byte(out), &m); err != nil {
+			t.Fatalf("%v\n%s", err, out)
 		}
-	}
-	if next != 20*gib || fmt.Sprint(data) != fmt.Sprint(ranges) {
-		t.Fatalf("nbdinfo --map data %v (end %d), want %v", data, next, ranges)
-	}
+		var data [][2]int64
+		next := int64(0)
+		for _, e := range m {
+			if e.Offset != next {
+				t.Fatalf("map not contiguous at %d:\n%s", e.Offset, out)
+			}
+			next = e.Offset + e.Length
+			if e.Type == 0 {
+				data = append(data, [2]int64{e.Offset, e.Length})
+			} else if e.Type != 3 {
+				t.Fatalf("unexpected type %d:\n%s", e.Type, out)
+			}
+		}
+		if next != 20*gib || fmt.Sprint(data) != fmt.Sprint(ranges) {
+			t.Fatalf("nbdinfo --map data %v (end %d), want %v", data, next, ranges)
+		}
 
-	can := func(u, what string) int {
-		_, err := runErr(ni, "--can", what, u)
-		var ee *exec.ExitError
-		switch {
-		case err == nil:
-			return 0
-		case errors.As(err, &ee):
-			return ee.ExitCode()
+		can := func(u, what string) int {
+			_, err := runErr(ni, "--can", what, u)
+			var ee *exec.ExitError
+			switch {
+			case err == nil:
+				return 0
+			case errors.As(err, &ee):
+				return ee.ExitCode()
+			}
+			t.Fatalf("nbdinfo --can %s: %v", what, err)
+			return -1
 		}
-		t.Fatalf("nbdinfo --can %s: %v", what, err)
-		return -1
-	}
-	for _, what := range []string{"connect", "read", "write", "flush", "fua", "trim", "zero", "fast-zero", "cache", "df", "multi-conn"} {
-		if got := can(uri(addr, "big"), what); got != 0 {
-			t.Errorf("nbdinfo --can %s on rw export: exit %d", what, got)
+		for _, what := range []string{"connect", "read", "write", "flush", "fua", "trim", "zero", "fast-zero", "cache", "df", "multi-conn"} {
+			if got := can(uri(addr, "big"), what); got != 0 {
+				t.Errorf("nbdinfo --can %s on rw export: exit %d", what, got)
+			}
 		}
-	}
-	for what, want := range map[string]int{"write": 2, "trim": 2, "zero": 2, "fua": 2, "fast-zero": 2, "flush": 0, "multi-conn": 0, "cache": 0} {
-		if got := can(uri(addr, "ro"), what); got != want {
-			t.Errorf("nbdinfo --can %s on ro export: exit %d, want %d", what, got, want)
+		for what, want := range map[string]int{"write": 2, "trim": 2, "zero": 2, "fua": 2, "fast-zero": 2, "flush": 0, "multi-conn": 0, "cache": 0} {
+			if got := can(uri(addr, "ro"), what); got != want {
+				t.Errorf("nbdinfo --can %s on ro export: exit %d, want %d", what, got, want)
+			}
 		}
-	}
-	if _, err := runErr(ni, "--is", "read-only", uri(addr, "ro")); err != nil {
-		t.Errorf("nbdinfo --is read-only on ro export: %v", err)
-	}
+		if _, err := runErr(ni, "--is", "read-only", uri(addr, "ro")); err != nil {
+			t.Errorf("nbdinfo --is read-only on ro export: %v", err)
+		}
+	})
 }
 
 // TestNbdcopy copies 256 MiB of random data into an export and back out,
@@ -316,7 +320,7 @@ func TestNbdcopy(t *testing.T) {
 	buf = nil
 	for _, conns := range []string{"1", "4"} {
 		t.Run("connections"+conns, func(t *testing.T) {
-			d := newImage(t, 256*mib, 4*mib, 4096, false)
+			d := newImage(t, 256*mib, 4*mib, 4096, false, lut.Xhyve)
 			_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
 			u := uri(addr, "disk")
 			run(t, nc, "--connections="+conns, "--request-size=1048576", src, u)
@@ -437,16 +441,18 @@ print("ok")
 `
 
 func TestLibnbd(t *testing.T) {
-	py := testutil.NeedPython(t)
-	d := newImage(t, 64*mib, mib, 4096, false)
-	ro := newImage(t, 16*mib, mib, 4096, true)
-	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d}, Export{Name: "ro", Backend: ro})
-	script := filepath.Join(t.TempDir(), "check.py")
-	os.WriteFile(script, []byte(libnbdScript), 0o644)
-	out := run(t, py, script, uri(addr, "disk"), uri(addr, "ro"), fmt.Sprint(64*mib))
-	if !strings.Contains(out, "ok") {
-		t.Fatal(out)
-	}
+	forEachKind(t, func(t *testing.T, kind lut.Kind) {
+		py := testutil.NeedPython(t)
+		d := newImage(t, 64*mib, mib, 4096, false, kind)
+		ro := newImage(t, 16*mib, mib, 4096, true, kind)
+		_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d}, Export{Name: "ro", Backend: ro})
+		script := filepath.Join(t.TempDir(), "check.py")
+		os.WriteFile(script, []byte(libnbdScript), 0o644)
+		out := run(t, py, script, uri(addr, "disk"), uri(addr, "ro"), fmt.Sprint(64*mib))
+		if !strings.Contains(out, "ok") {
+			t.Fatal(out)
+		}
+	})
 }
 
 // TestLibnbdTLS: libnbd (GnuTLS) with a client certificate, ECDSA and
@@ -463,7 +469,7 @@ func TestLibnbdTLS(t *testing.T) {
 		mode := c.mode
 		p := newTestPKIKeys(t, c.keys == "rsa")
 		t.Run(c.keys+"-"+mode.String(), func(t *testing.T) {
-			d := newImage(t, 16*mib, mib, 4096, false)
+			d := newImage(t, 16*mib, mib, 4096, false, lut.Xhyve)
 			_, addr := startServer(t, Config{TLS: mode, TLSConfig: p.serverConfig(true)}, Export{Name: "disk", Backend: d})
 			args := []string{script, "nbds://" + addr + "/disk", p.dir}
 			if mode == TLSRequire {
@@ -473,5 +479,14 @@ func TestLibnbdTLS(t *testing.T) {
 				t.Fatal(out)
 			}
 		})
+	}
+}
+
+// forEachKind runs fn as one subtest per LUT kind (xhyve, thin), for the
+// tests that serve images of both kinds.
+func forEachKind(t *testing.T, fn func(t *testing.T, kind lut.Kind)) {
+	t.Helper()
+	for _, k := range lut.Kinds {
+		t.Run("lut="+string(k), func(t *testing.T) { fn(t, k) })
 	}
 }

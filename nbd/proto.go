@@ -2,10 +2,10 @@ package nbd
 
 import "encoding/binary"
 
-// Wire constants, named after the protocol document
-// (../shared/reference/nbd-proto.md). All multi-byte fields on the wire are
-// big-endian; every encoder and decoder in this package uses
-// binary.BigEndian explicitly.
+// Wire constants, named after the NBD protocol specification (doc/proto.md
+// of the NetworkBlockDevice/nbd project), section 'Values'. All multi-byte
+// fields on the wire are big-endian; every encoder and decoder in this
+// package uses binary.BigEndian explicitly.
 
 // Magic numbers.
 const (

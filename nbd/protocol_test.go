@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -129,7 +131,7 @@ func TestHandshakeOptions(t *testing.T) {
 	if e := got[infoExport]; len(e) != 10 || be.Uint64(e) != 2<<20 || be.Uint16(e[8:])&tflagReadOnly == 0 {
 		t.Fatalf("info export %x", e)
 	}
-	if bs := got[infoBlockSize]; len(bs) != 12 || be.Uint32(bs) != 512 || be.Uint32(bs[4:]) != 512 || be.Uint32(bs[8:]) != DefaultMaxPayload {
+	if bs := got[infoBlockSize]; len(bs) != 12 || be.Uint32(bs) != 1 || be.Uint32(bs[4:]) != 512 || be.Uint32(bs[8:]) != DefaultMaxPayload {
 		t.Fatalf("block size info %x", bs)
 	}
 	if string(got[infoName]) != "b" {
@@ -433,8 +435,8 @@ func TestStructuredReadsAndBlockStatus(t *testing.T) {
 	if ch := c.chunk(); ch.typ != chunkNone || ch.flags&replyFlagDone == 0 {
 		t.Fatalf("zero-length read: %+v", ch)
 	}
-	c.request(cmdRead, 0, 5, 100, 4096, nil) // unaligned, client agreed to block sizes
-	if _, errno, _, _ := c.structuredRead(100, 4096); errno != errnoInval {
+	c.request(cmdRead, 0, 5, 16384+100, 4096, nil) // unaligned: the minimum block size is 1
+	if data, errno, _, _ := c.structuredRead(16384+100, 4096); errno != 0 || !bytes.Equal(data, w[100:4196]) {
 		t.Fatalf("unaligned read errno %d", errno)
 	}
 	status := func(flags uint16, off uint64, n uint32) [][2]uint32 {
@@ -585,21 +587,139 @@ func TestDisconnectFlushes(t *testing.T) {
 	}
 }
 
+// TestMaxConnections: MaxConnections bounds negotiated sessions. A client
+// asking for an export while the only slot is taken gets
+// NBD_REP_ERR_POLICY and may retry; the slot is free before the server's
+// close reaches the client, so reconnecting right after EOF works at the
+// first attempt (no retry loop here: a refusal would fail the test).
 func TestMaxConnections(t *testing.T) {
 	m := newMem(1<<20, 4096)
 	_, addr := startServer(t, Config{MaxConnections: 1}, Export{Name: "d", Backend: m})
 	a := dial(t, addr)
 	a.connect("d", connectOpts{})
-	expectRefused(t, addr)
+	b := dial(t, addr)
+	b.hello(clientFixedNewstyle | clientNoZeroes)
+	b.expect(optGo, appendInfoRequest(nil, infoRequest{name: "d"}), repErrPolicy)
+	b.expect(optList, nil, repAck) // still negotiating
+	e := dial(t, addr)
+	e.hello(clientFixedNewstyle | clientNoZeroes)
+	e.option(optExportName, []byte("d")) // no error reply exists: dropped
+	e.expectClosed()
+	for round := range 20 {
+		a.request(cmdDisc, 0, 1, 0, 0, nil)
+		a.expectClosed()
+		a = dial(t, addr)
+		a.connect("d", connectOpts{}) // fails the test if refused
+		a.request(cmdWrite, 0, 2, 0, 1, []byte{byte(round)})
+		if errno, _, _ := a.simpleReply(0); errno != 0 {
+			t.Fatalf("round %d: write errno %d", round, errno)
+		}
+	}
 	a.request(cmdDisc, 0, 1, 0, 0, nil)
 	a.expectClosed()
-	// The slot is released before the socket closes, so a client that
-	// reconnects as soon as it sees EOF is admitted.
+	b.connect2("d") // the refused client retries and gets the slot
+}
+
+// connect2 sends NBD_OPT_GO on an already greeted connection.
+func (c *client) connect2(name string) {
+	c.t.Helper()
+	c.expect(optGo, appendInfoRequest(nil, infoRequest{name: name}), repAck)
+}
+
+// TestMaxHandshakesEvictsOldest: with MaxHandshakes pending connections, a
+// new one evicts the oldest pending one, never itself and never a
+// negotiated session.
+func TestMaxHandshakesEvictsOldest(t *testing.T) {
+	m := newMem(1<<20, 4096)
+	s, addr := startServer(t, Config{MaxHandshakes: 3}, Export{Name: "d", Backend: m})
+	session := dial(t, addr)
+	session.connect("d", connectOpts{})
+	var idle []*client
 	for range 3 {
 		c := dial(t, addr)
-		c.hello(clientFixedNewstyle | clientNoZeroes)
-		c.expect(optAbort, nil, repAck)
-		c.expectClosed()
+		c.readN(18) // greeted: the server holds it as pending
+		idle = append(idle, c)
+	}
+	for i := range 3 {
+		// Each newcomer evicts the oldest idle one, in order.
+		c := dial(t, addr)
+		c.readN(18)
+		idle[i].expectClosed()
+		for _, later := range idle[i+1:] {
+			_ = later.nc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			if n, err := later.nc.Read(make([]byte, 1)); err == nil || !os.IsTimeout(err) {
+				t.Fatalf("newer idle connection closed too (read %d, %v)", n, err)
+			}
+			_ = later.nc.SetReadDeadline(time.Now().Add(30 * time.Second))
+		}
+		idle = append(idle, c)
+	}
+	s.mu.Lock()
+	pending, sessions := s.pending.Len(), s.sessions
+	s.mu.Unlock()
+	if pending != 3 || sessions != 1 {
+		t.Fatalf("pending %d sessions %d, want 3 and 1", pending, sessions)
+	}
+	// The session was never touched.
+	session.request(cmdWrite, 0, 1, 0, 3, []byte("abc"))
+	if errno, _, _ := session.simpleReply(0); errno != 0 {
+		t.Fatalf("session write errno %d", errno)
+	}
+	// A newcomer negotiates although the pending budget is full.
+	c := dial(t, addr)
+	c.connect("d", connectOpts{})
+	idle[3].expectClosed()
+}
+
+// TestMinBlock: the default minimum block size is 1 and any request
+// alignment is served; Config.MinBlock advertises a larger one and
+// enforces it for clients that requested block sizes, and block-status
+// descriptors are then multiples of it.
+func TestMinBlock(t *testing.T) {
+	for _, bad := range []uint32{3, 1 << 17} {
+		if _, err := NewServer(Config{MinBlock: bad}, Export{Backend: newMem(1<<20, 512)}); !errors.Is(err, ErrConfig) {
+			t.Errorf("MinBlock %d: %v", bad, err)
+		}
+	}
+	if _, err := NewServer(Config{MinBlock: 4096}, Export{Backend: newMem(4096+512, 512)}); !errors.Is(err, ErrConfig) {
+		t.Errorf("size not a multiple of MinBlock: %v", err)
+	}
+	m := newMem(64<<10, 512)
+	_, addr := startServer(t, Config{MinBlock: 4096}, Export{Name: "d", Backend: m})
+
+	strict := dial(t, addr)
+	strict.connect("d", connectOpts{structured: true, meta: true, blockSize: true})
+	strict.request(cmdWrite, 0, 1, 100, 3, []byte("abc"))
+	if ch := strict.chunk(); ch.typ != chunkError || be.Uint32(ch.payload) != errnoInval {
+		t.Fatalf("unaligned write from a client that agreed to 4096: %+v", ch)
+	}
+	// One 512-byte sector allocated inside the first 4 KiB block.
+	block := make([]byte, 4096)
+	copy(block[1024:], pattern(512, 3))
+	strict.request(cmdWrite, 0, 2, 0, 4096, block)
+	if ch := strict.chunk(); be.Uint32(ch.payload) != 0 {
+		t.Fatalf("aligned write failed: %+v", ch)
+	}
+	strict.request(cmdBlockStatus, 0, 3, 0, 16384, nil)
+	ch := strict.chunk()
+	var descs [][2]uint32
+	for p := ch.payload[4:]; len(p) >= 8; p = p[8:] {
+		descs = append(descs, [2]uint32{be.Uint32(p), be.Uint32(p[4:])})
+	}
+	if fmt.Sprint(descs) != fmt.Sprint([][2]uint32{{4096, 0}, {12288, stateHole | stateZero}}) {
+		t.Fatalf("block status with minimum block 4096 on 512-byte sectors: %v", descs)
+	}
+
+	// A client that did not ask for block sizes is served at any alignment.
+	loose := dial(t, addr)
+	loose.connect("d", connectOpts{})
+	loose.request(cmdWrite, 0, 1, 100, 3, []byte("abc"))
+	if errno, _, _ := loose.simpleReply(0); errno != 0 {
+		t.Fatalf("unaligned write from a client without block sizes: errno %d", errno)
+	}
+	got := make([]byte, 3)
+	if m.ReadAt(got, 100); string(got) != "abc" {
+		t.Fatalf("data %q", got)
 	}
 }
 

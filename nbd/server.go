@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"container/list"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -13,33 +14,8 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/reqlog"
 )
-
-// Backend is the disk an export serves. *blockif.Disk implements it.
-// Implementations must be safe for concurrent use: the server calls them
-// from many goroutines at once, for one connection and across connections.
-type Backend interface {
-	// ReadAt and WriteAt follow io.ReaderAt and io.WriterAt; any offset
-	// and length within Size is allowed.
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	// Flush makes every write completed before the call durable.
-	Flush() error
-	// Trim and WriteZeroes make [off, off+n) read as zeros and may release
-	// its space.
-	Trim(off, n int64) error
-	WriteZeroes(off, n int64) error
-	// Extents describes exactly [off, off+n) as runs of allocated data
-	// and unallocated (zero) space.
-	Extents(off, n int64) ([]blockif.Extent, error)
-	// Size is the export size in bytes.
-	Size() int64
-	// SectorSize is the smallest efficient I/O unit, advertised as the
-	// minimum and preferred block size. A power of two, 1…65536.
-	SectorSize() int64
-	// ReadOnly reports whether writes are refused.
-	ReadOnly() bool
-}
 
 // Export is one named disk offered by a Server. It is plain data, copied
 // by NewServer; it is not used concurrently by itself (its Backend is).
@@ -49,8 +25,8 @@ type Export struct {
 	Name string
 	// Description is shown by clients that list exports (optional).
 	Description string
-	// Backend serves the data.
-	Backend Backend
+	// Backend serves the data (normally a *blockif.Disk).
+	Backend blockif.Device
 	// ReadOnly forces the export read-only even if Backend is writable.
 	ReadOnly bool
 }
@@ -100,17 +76,22 @@ func ParseTLSMode(s string) (TLSMode, error) {
 
 // Defaults for the zero fields of Config.
 //
-// DefaultMaxConnections is finite so that a client flood cannot exhaust
-// file descriptors, goroutines or memory: every connection may hold up to
-// MaxInFlight worker goroutines and a small multiple of MaxInFlightBytes
-// of buffers (requests executing, replies queued for a slow reader), and
-// a connection that never finishes negotiating occupies a slot until
-// HandshakeTimeout. 128 is far above what the intended clients open (a VM
+// DefaultMaxConnections is finite so that clients cannot exhaust file
+// descriptors, goroutines or memory: every negotiated connection may hold
+// up to MaxInFlight worker goroutines and a small multiple of
+// MaxInFlightBytes of buffers (requests executing, replies queued for a
+// slow reader). 128 is far above what the intended clients open (a VM
 // uses one connection, nbdcopy four, a multi-connection kernel client a
 // handful per device) and keeps the descriptors well below the usual 1024
 // soft limit.
+//
+// DefaultMaxHandshakes bounds the connections still negotiating. They
+// have a budget of their own, so that connections that never negotiate
+// cannot lock real clients out: when it is full, a new connection evicts
+// the oldest one still negotiating (see Config.MaxHandshakes).
 const (
 	DefaultMaxConnections   = 128
+	DefaultMaxHandshakes    = 128
 	DefaultMaxPayload       = 32 << 20
 	DefaultMaxInFlight      = 16
 	DefaultMaxInFlightBytes = 64 << 20
@@ -129,11 +110,27 @@ type Config struct {
 	TLS       TLSMode
 	TLSConfig *tls.Config
 
-	// MaxConnections bounds concurrent connections (handshaking and
-	// transmitting); extra connections are closed at once, before any
-	// byte is sent or any per-connection state is allocated.
-	// 0 = DefaultMaxConnections (128); negative = unlimited.
+	// MaxConnections bounds the negotiated connections (transmission
+	// phase). A client that asks for an export while all are taken gets
+	// NBD_REP_ERR_POLICY (NBD_OPT_GO) or is dropped (NBD_OPT_EXPORT_NAME),
+	// and may retry. 0 = DefaultMaxConnections (128); negative = unlimited.
 	MaxConnections int
+	// MaxHandshakes bounds the connections that have not finished
+	// negotiating. A connection accepted while that many are pending
+	// evicts the oldest pending one (reset at once), so a flood of idle
+	// or trickling sockets delays a real client by at most its own
+	// handshake, never locks it out. Each pending connection holds at
+	// most one option's data (64 KiB) plus its goroutine and, during
+	// STARTTLS, the TLS handshake state.
+	// 0 = DefaultMaxHandshakes (128); negative = unlimited.
+	MaxHandshakes int
+	// MinBlock is the minimum block size advertised in
+	// NBD_INFO_BLOCK_SIZE: a power of two up to 65536 that divides every
+	// export's size. 0 or 1 = any offset and length (the engine does
+	// read-modify-write under its range lock), as qemu-nbd and nbdkit
+	// advertise for files. A larger value is enforced, with NBD_EINVAL,
+	// for clients that requested block sizes with NBD_OPT_GO.
+	MinBlock uint32
 	// MaxPayload is the largest read or write payload, advertised as the
 	// NBD_INFO_BLOCK_SIZE maximum. 0 = 32 MiB.
 	MaxPayload uint32
@@ -167,14 +164,26 @@ type Config struct {
 	// conforming client never sends a zero-length GO, but one that did
 	// would stall until the handshake timeout instead of getting
 	// NBD_REP_ERR_INVALID, so enable this only for private connections
-	// to that client (sparsedisk attach).
+	// to that client.
 	AcceptUnframedGo bool
+
+	// LoopbackCongestion is the TCP congestion control set on connections
+	// whose both ends are loopback addresses: "" means
+	// DefaultLoopbackCongestion, KeepCongestion leaves the system's
+	// default (for benchmarks that run every server under one setting).
+	LoopbackCongestion string
 }
 
 func (c *Config) withDefaults() Config {
 	d := *c
 	if d.MaxConnections == 0 {
 		d.MaxConnections = DefaultMaxConnections
+	}
+	if d.MaxHandshakes == 0 {
+		d.MaxHandshakes = DefaultMaxHandshakes
+	}
+	if d.MinBlock == 0 {
+		d.MinBlock = 1
 	}
 	if d.MaxPayload == 0 {
 		d.MaxPayload = DefaultMaxPayload
@@ -200,10 +209,11 @@ func (c *Config) withDefaults() Config {
 // export is an Export plus the state shared by all its connections.
 type export struct {
 	Export
-	readOnly bool
-	size     int64
-	minBlock uint32
-	flush    flusher
+	readOnly  bool
+	size      int64
+	minBlock  uint32 // advertised and, for clients that agreed, enforced
+	prefBlock uint32 // advertised preferred block size
+	flush     flusher
 }
 
 // Server serves NBD exports. It is safe for concurrent use: Serve may run
@@ -214,18 +224,23 @@ type Server struct {
 	exports []*export
 	log     *slog.Logger
 
-	// mu protects listeners, conns, closing and done.
+	// mu protects listeners, conns, pending, sessions, closing, done,
+	// evicted, evictedAt and the slot fields of every conn.
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
+	conns     map[*conn]struct{} // every connection goroutine running
+	pending   list.List          // of *conn still negotiating, oldest first
+	sessions  int                // connections admitted to transmission
 	closing   bool
 	done      chan struct{} // closed when closing becomes true
-	refused   int           // connections refused and not yet logged
-	refusedAt time.Time     // when a refusal was last logged
+	evicted   int           // handshakes evicted and not yet logged
+	evictedAt time.Time     // when an eviction was last logged
 
 	// badClients limits the log lines of failed handshakes and dropped
 	// connections, which a hostile or broken client can cause at will.
 	badClients logLimiter
+	// failed limits the log lines of requests the images failed.
+	failed reqlog.Limiter
 
 	wg sync.WaitGroup // one per running connection goroutine
 }
@@ -241,6 +256,9 @@ func NewServer(cfg Config, exports ...Export) (*Server, error) {
 	}
 	if c.MaxPayload < 1<<20 {
 		return nil, fmt.Errorf("%w: max payload %d below 1 MiB", ErrConfig, c.MaxPayload)
+	}
+	if c.MinBlock > 65536 || c.MinBlock&(c.MinBlock-1) != 0 {
+		return nil, fmt.Errorf("%w: minimum block size %d is not a power of two up to 65536", ErrConfig, c.MinBlock)
 	}
 	s := &Server{
 		cfg:       c,
@@ -265,11 +283,18 @@ func NewServer(cfg Config, exports ...Export) (*Server, error) {
 		if ss < 1 || ss > 65536 || ss&(ss-1) != 0 || int64(c.MaxPayload) < ss {
 			return nil, fmt.Errorf("%w: export %q sector size %d", ErrConfig, e.Name, ss)
 		}
+		if size := e.Backend.Size(); size%int64(c.MinBlock) != 0 {
+			return nil, fmt.Errorf("%w: export %q size %d is not a multiple of the minimum block size %d", ErrConfig, e.Name, size, c.MinBlock)
+		}
 		x := &export{
-			Export:   e,
-			readOnly: e.ReadOnly || e.Backend.ReadOnly(),
-			size:     e.Backend.Size(),
-			minBlock: uint32(ss),
+			Export:    e,
+			readOnly:  e.ReadOnly || e.Backend.ReadOnly(),
+			size:      e.Backend.Size(),
+			minBlock:  c.MinBlock,
+			prefBlock: uint32(max(ss, int64(c.MinBlock), 512)),
+		}
+		if int64(x.prefBlock) > int64(c.MaxPayload) {
+			return nil, fmt.Errorf("%w: export %q preferred block size %d above the maximum payload", ErrConfig, e.Name, x.prefBlock)
 		}
 		x.flush.b = e.Backend
 		s.exports = append(s.exports, x)
@@ -343,11 +368,16 @@ func acceptRetryable(err error) bool {
 	return false
 }
 
-// refusalLogEvery bounds the log lines a connection flood causes.
-const refusalLogEvery = time.Second
+// evictionLogEvery bounds the log lines a connection flood causes.
+const evictionLogEvery = time.Second
 
 // ServeConn serves one already established connection in a new goroutine
 // and returns at once. The server owns nc from then on and closes it.
+//
+// The connection takes a pending-handshake slot. If all
+// Config.MaxHandshakes slots are taken, the oldest pending connection is
+// evicted (reset) to make room: an attacker's idle sockets are always
+// older than the real client that just connected, so they go first.
 func (s *Server) ServeConn(nc net.Conn) {
 	s.mu.Lock()
 	if s.closing {
@@ -355,43 +385,92 @@ func (s *Server) ServeConn(nc net.Conn) {
 		nc.Close()
 		return
 	}
-	if s.cfg.MaxConnections > 0 && len(s.conns) >= s.cfg.MaxConnections {
-		// Refused before anything is allocated for it; a reset rather
-		// than an orderly close leaves no TIME_WAIT state behind. Under a
-		// flood, one line per second summarizes the refusals.
-		s.refused++
-		var n int
-		if now := time.Now(); now.Sub(s.refusedAt) >= refusalLogEvery {
-			n, s.refused, s.refusedAt = s.refused, 0, now
+	var victim *conn
+	if s.cfg.MaxHandshakes > 0 && s.pending.Len() >= s.cfg.MaxHandshakes {
+		victim = s.pending.Front().Value.(*conn)
+		s.pending.Remove(victim.elem)
+		victim.elem, victim.evicted = nil, true
+		s.evicted++
+	}
+	var logN int
+	if s.evicted > 0 {
+		if now := time.Now(); now.Sub(s.evictedAt) >= evictionLogEvery {
+			logN, s.evicted, s.evictedAt = s.evicted, 0, now
 		}
-		s.mu.Unlock()
-		if tc, ok := nc.(*net.TCPConn); ok {
-			_ = tc.SetLinger(0)
-		}
-		nc.Close()
-		if n > 0 {
-			s.log.Warn("nbd: connections refused", "count", n, "last_remote", remoteAddr(nc), "err", ErrTooManyConnections)
-		}
-		return
 	}
 	c := newConn(s, nc)
+	c.elem = s.pending.PushBack(c)
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
+	if victim != nil {
+		// A reset rather than an orderly close leaves no TIME_WAIT
+		// state behind; closing the raw socket also ends a TLS
+		// handshake in progress. The victim's goroutine then ends and
+		// frees what it held.
+		resetClose(victim.raw)
+	}
+	if logN > 0 {
+		// Under a flood, one line per second summarizes the evictions.
+		s.log.Warn("nbd: pending handshakes evicted by newer connections", "count", logN, "newest_remote", remoteAddr(nc), "err", ErrEvicted)
+	}
 	go func() {
 		defer s.wg.Done()
-		defer func() {
-			// The slot is free before the socket closes: a client that
-			// sees EOF and reconnects at once is never refused for the
-			// connection it just ended.
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.mu.Unlock()
-			c.rw().Close()
-		}()
-		tuneLoopback(nc)
+		tuneLoopbackTo(nc, s.cfg.LoopbackCongestion)
 		c.serve()
+		// The slot is free before the client can see the connection
+		// end, so a client that reconnects at once after EOF finds room.
+		s.release(c)
+		c.rw().Close()
 	}()
+}
+
+// resetClose closes nc with an RST if it is a TCP connection.
+func resetClose(nc net.Conn) {
+	if tc, ok := nc.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	nc.Close()
+}
+
+// admit moves c from the pending handshakes to the negotiated sessions.
+// It fails with ErrTooManyConnections if Config.MaxConnections sessions
+// exist, and with ErrEvicted if c was evicted meanwhile.
+func (s *Server) admit(c *conn) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.evicted {
+		return ErrEvicted
+	}
+	if c.admitted {
+		return nil
+	}
+	if s.cfg.MaxConnections > 0 && s.sessions >= s.cfg.MaxConnections {
+		return fmt.Errorf("%w: %d negotiated connections", ErrTooManyConnections, s.sessions)
+	}
+	if c.elem != nil {
+		s.pending.Remove(c.elem)
+		c.elem = nil
+	}
+	c.admitted = true
+	s.sessions++
+	return nil
+}
+
+// release frees whichever slot c holds; its goroutine calls it once, as
+// the last thing before closing the socket.
+func (s *Server) release(c *conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c.elem != nil {
+		s.pending.Remove(c.elem)
+		c.elem = nil
+	}
+	if c.admitted {
+		c.admitted = false
+		s.sessions--
+	}
+	delete(s.conns, c)
 }
 
 func (s *Server) isClosing() bool {
@@ -475,7 +554,7 @@ func remoteAddr(nc net.Conn) string {
 // costs about one durable sync per round, not one per request. It is safe
 // for concurrent use.
 type flusher struct {
-	b Backend
+	b blockif.Device
 
 	// mu protects the fields below; cond signals completion of a flush.
 	mu        sync.Mutex

@@ -7,10 +7,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// loopbackCongestion is the TCP congestion control set on connections
-// whose both ends are loopback addresses (the default: `serve` listens on
-// 127.0.0.1, and qemu, fio and libnbd tools on the same host connect
-// there).
+// DefaultLoopbackCongestion is the TCP congestion control set on
+// connections whose both ends are loopback addresses (the default: `serve`
+// listens on 127.0.0.1, and qemu, fio and libnbd tools on the same host
+// connect there), unless Config.LoopbackCongestion says otherwise.
 //
 // Why: many hosts default to BBR, which paces every send to its estimate
 // of the path's bandwidth. On loopback there is no path to be fair to, and
@@ -21,12 +21,30 @@ import (
 // retransmits (nstat), against 4600-4900 MiB/s with cubic; nbdkit on the
 // same machine ran at 4300-5300 either way. Connections from other hosts
 // keep the system's choice.
-const loopbackCongestion = "cubic"
+const DefaultLoopbackCongestion = "cubic"
+
+// KeepCongestion as Config.LoopbackCongestion leaves loopback connections
+// with the system's default congestion control.
+const KeepCongestion = "system"
+
+// loopbackCongestion is the algorithm tuneLoopback sets.
+const loopbackCongestion = DefaultLoopbackCongestion
 
 // tuneLoopback sets loopbackCongestion on nc if it is a TCP connection
-// between loopback addresses. It is best effort: a kernel without the
-// algorithm keeps its default, and nothing else depends on it.
-func tuneLoopback(nc net.Conn) {
+// between loopback addresses.
+func tuneLoopback(nc net.Conn) { tuneLoopbackTo(nc, loopbackCongestion) }
+
+// tuneLoopbackTo sets algo ("" = DefaultLoopbackCongestion, KeepCongestion
+// = leave it) on nc if it is a TCP connection between loopback addresses.
+// It is best effort: a kernel without the algorithm keeps its default, and
+// nothing else depends on it.
+func tuneLoopbackTo(nc net.Conn, algo string) {
+	if algo == KeepCongestion {
+		return
+	}
+	if algo == "" {
+		algo = DefaultLoopbackCongestion
+	}
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		return
@@ -41,6 +59,6 @@ func tuneLoopback(nc net.Conn) {
 		return
 	}
 	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptString(int(fd), syscall.IPPROTO_TCP, unix.TCP_CONGESTION, loopbackCongestion)
+		_ = unix.SetsockoptString(int(fd), syscall.IPPROTO_TCP, unix.TCP_CONGESTION, algo)
 	})
 }

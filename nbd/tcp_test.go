@@ -117,3 +117,28 @@ func TestTuneLoopback(t *testing.T) {
 	}
 	t.Log("no non-loopback IPv4 address on this host: only the loopback case was checked")
 }
+
+// TestTuneLoopbackKeep: KeepCongestion leaves a loopback connection with
+// the system default, and an explicit algorithm other than the system
+// default is set (reno is built into every kernel that has TCP).
+func TestTuneLoopbackKeep(t *testing.T) {
+	def, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sys := strings.TrimSpace(string(def))
+	other := "reno"
+	if sys == "reno" {
+		other = "cubic"
+	}
+	sc := acceptedPair(t, "127.0.0.1")
+	tuneLoopbackTo(sc, other)
+	if got := congestion(t, sc); got != other {
+		t.Fatalf("tuneLoopbackTo(%q) left %q", other, got)
+	}
+	sc = acceptedPair(t, "127.0.0.1")
+	tuneLoopbackTo(sc, KeepCongestion)
+	if got := congestion(t, sc); got != sys {
+		t.Fatalf("tuneLoopbackTo(KeepCongestion) gave %q, want the system default %q", got, sys)
+	}
+}

@@ -4,9 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"debug/elf"
 	"encoding/hex"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
+	"github.com/sparsedisk/sparsedisk/internal/vmtest"
+	"github.com/sparsedisk/sparsedisk/lut"
 )
 
 // vmInit is the guest's /init: load the virtio and ext4 modules, mount the
@@ -47,50 +48,6 @@ fi
 poweroff -f
 `
 
-// vmKernelDir finds the unpacked Debian kernel package (see
-// testdata/vm/fetch-kernel.sh).
-func vmKernelDir() string {
-	if d := os.Getenv("SPARSEDISK_VM_KERNEL_DIR"); d != "" {
-		return d
-	}
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		return ""
-	}
-	return filepath.Join(cache, "sparsedisk", "vmkernel")
-}
-
-// newcArchive builds an initramfs in the cpio "newc" format from files
-// (archive path -> content, mode).
-type cpioFile struct {
-	name string
-	mode uint32
-	data []byte
-}
-
-func newcArchive(files []cpioFile) []byte {
-	var b bytes.Buffer
-	pad := func() {
-		for b.Len()%4 != 0 {
-			b.WriteByte(0)
-		}
-	}
-	add := func(ino int, f cpioFile) {
-		fmt.Fprintf(&b, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
-			ino, f.mode, 0, 0, 1, 0, len(f.data), 0, 0, 0, 0, len(f.name)+1, 0)
-		b.WriteString(f.name)
-		b.WriteByte(0)
-		pad()
-		b.Write(f.data)
-		pad()
-	}
-	for i, f := range files {
-		add(i+1, f)
-	}
-	add(len(files)+1, cpioFile{name: "TRAILER!!!"})
-	return b.Bytes()
-}
-
 // TestVMOnExport boots a Debian kernel under qemu TCG with the export as
 // its virtio disk (cache=writeback, discard=unmap). The guest writes a
 // file on ext4, writes and deletes a scratch file and runs fstrim. The
@@ -104,44 +61,17 @@ func TestVMOnExport(t *testing.T) {
 	mkfs := testutil.NeedTool(t, "mkfs.ext4")
 	e2fsck := testutil.NeedTool(t, "e2fsck")
 	debugfs := testutil.NeedTool(t, "debugfs")
-	busybox := "/bin/busybox"
-	kdir := vmKernelDir()
-	kernels, _ := filepath.Glob(filepath.Join(kdir, "boot", "vmlinuz-*"))
-	if !staticELF(busybox) || len(kernels) == 0 {
-		msg := fmt.Sprintf("VM test needs busybox-static (a static %s) and a Debian kernel unpacked in %s (nbd/testdata/vm/fetch-kernel.sh)", busybox, kdir)
-		testutil.Unavailable(t, "%s", msg)
+	kernel, modDir, err := vmtest.Kernel()
+	if err != nil {
+		testutil.Unavailable(t, "%v", err)
 	}
-	kernel := kernels[0]
-	modDir := filepath.Join(kdir, "lib", "modules", strings.TrimPrefix(filepath.Base(kernel), "vmlinuz-"), "kernel")
-
-	// initramfs: busybox, /init, modules.
-	bb, err := os.ReadFile(busybox)
+	files, err := vmtest.Base(vmInit, modDir, strings.Fields("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4")...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	files := []cpioFile{
-		{name: "bin", mode: 0o40755}, {name: "proc", mode: 0o40755}, {name: "sys", mode: 0o40755},
-		{name: "dev", mode: 0o40755}, {name: "lib", mode: 0o40755}, {name: "lib/modules", mode: 0o40755},
-		{name: "bin/busybox", mode: 0o100755, data: bb},
-		{name: "init", mode: 0o100755, data: []byte(vmInit)},
-	}
-	for _, m := range strings.Fields("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4") {
-		var found string
-		filepath.WalkDir(modDir, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.Name() == m+".ko" {
-				found = p
-			}
-			return nil
-		})
-		data, err := os.ReadFile(found)
-		if err != nil {
-			t.Fatalf("module %s: %v", m, err)
-		}
-		files = append(files, cpioFile{name: "lib/modules/" + m + ".ko", mode: 0o100644, data: data})
-	}
 	tmp := t.TempDir()
 	initrd := filepath.Join(tmp, "initrd")
-	if err := os.WriteFile(initrd, newcArchive(files), 0o644); err != nil {
+	if err := os.WriteFile(initrd, vmtest.Initramfs(files), 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -154,7 +84,24 @@ func TestVMOnExport(t *testing.T) {
 	f.Truncate(size)
 	f.Close()
 	run(t, mkfs, "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0", raw)
-	d := newImage(t, size, 4*mib, 4096, false)
+	d := newImage(t, size, 4*mib, 4096, false, lut.Xhyve)
+	// Once the server has stopped (its cleanup runs before this one), the
+	// image must check without a single finding: no corruption and no
+	// leaked slot from the guest's trims.
+	t.Cleanup(func() {
+		if err := d.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+		r, err := blockif.Check(d.Path(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range r.Findings {
+			if f.Kind != blockif.Advice {
+				t.Errorf("check: %s", f)
+			}
+		}
+	})
 	copyIn(t, raw, d)
 	if err := d.Flush(); err != nil {
 		t.Fatal(err)
@@ -167,10 +114,8 @@ func TestVMOnExport(t *testing.T) {
 	srv, addr := startServer(t, Config{}, Export{Name: "vm", Backend: d})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, qemu, "-accel", "tcg", "-m", "512", "-smp", "1",
-		"-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-		"-kernel", kernel, "-initrd", initrd, "-append", "console=ttyS0 panic=-1 loglevel=3",
-		"-drive", "file=nbd://"+addr+"/,format=raw,if=virtio,cache=writeback,discard=unmap")
+	cmd := exec.CommandContext(ctx, qemu, vmtest.QemuArgs(kernel, initrd, 512,
+		"-drive", "file=nbd://"+addr+"/,format=raw,if=virtio,cache=writeback,discard=unmap")...)
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
 	t.Logf("VM ran %v", time.Since(start).Round(time.Second))
@@ -202,13 +147,6 @@ func TestVMOnExport(t *testing.T) {
 	if grew := after.OnDiskBytes - before.OnDiskBytes; grew > 8*mib {
 		t.Errorf("segments grew by %d bytes on disk: scratch space not punched", grew)
 	}
-	r, err := d.Check()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range r.Findings {
-		t.Errorf("check: %s", f)
-	}
 
 	out2 := filepath.Join(tmp, "after.raw")
 	copyOut(t, d, out2)
@@ -229,7 +167,7 @@ func TestVMOnExport(t *testing.T) {
 }
 
 // copyIn writes the non-zero MiB chunks of a raw file into d.
-func copyIn(t *testing.T, raw string, d Backend) {
+func copyIn(t *testing.T, raw string, d blockif.Device) {
 	t.Helper()
 	data, err := os.ReadFile(raw)
 	if err != nil {
@@ -248,7 +186,7 @@ func copyIn(t *testing.T, raw string, d Backend) {
 }
 
 // copyOut writes d into a sparse raw file.
-func copyOut(t *testing.T, d Backend, path string) {
+func copyOut(t *testing.T, d blockif.Device, path string) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
@@ -266,20 +204,4 @@ func copyOut(t *testing.T, d Backend, path string) {
 			f.WriteAt(buf[:n], off)
 		}
 	}
-}
-
-// staticELF reports whether path is an ELF executable without a program
-// interpreter, i.e. one that runs in an initramfs without a libc.
-func staticELF(path string) bool {
-	f, err := elf.Open(path)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	for _, p := range f.Progs {
-		if p.Type == elf.PT_INTERP {
-			return false
-		}
-	}
-	return true
 }

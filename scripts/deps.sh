@@ -13,8 +13,9 @@ declare -A need=(
 	[losetup]=mount [fallocate]=util-linux
 	[qemu-system-x86_64]=qemu-system-x86
 )
-# `deps.sh bench` also installs what the benchmark harness uses to profile.
-[ "${1:-}" = bench ] && need[perf]=linux-perf
+# `deps.sh bench` also installs what the benchmark harness uses to profile
+# and to count system calls per request.
+if [ "${1:-}" = bench ]; then need[perf]=linux-perf; need[strace]=strace; fi
 missing=()
 for cmd in "${!need[@]}"; do
 	PATH=/usr/sbin:/sbin:/usr/bin:$PATH command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")

@@ -5,14 +5,16 @@
 // # On-disk format
 //
 // A segment of image P is the file P.%04d (index zero padded to at least four
-// digits; index 10000 is P.10000). In the sparse layout it is an array of
+// digits; index 10000 is P.10000; format.SegmentName makes the name, and
+// FORMAT.md at the repository root describes every file of an image). In the sparse layout it is an array of
 // slots of sectorsize bytes, appended in allocation order; slot v starts at
 // byte v * sectorsize. In the split layout it holds the disk's bytes
-// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible.
+// [i*split, min((i+1)*split, size)) verbatim. Frozen, xhyve-compatible;
+// FORMAT.md at the repository root (section 5) is the full reference.
 //
 // # Concurrency
 //
-// [Segment] is safe for concurrent use. The append cursor is atomic, so two
+// [File] is safe for concurrent use. The append cursor is atomic, so two
 // allocations never get the same slot; which sectors a caller allocates for
 // is the caller's business (blockif serialises writers per sector range).
 // The dirty flag is set after a write completes and cleared just before an
@@ -31,11 +33,8 @@ import (
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
-// Name returns the file name of segment i of the image at path. Frozen.
-func Name(path string, i int) string { return fmt.Sprintf("%s.%04d", path, i) }
-
-// Segment is one segment file, opened lazily on first use.
-type Segment struct {
+// File is one segment file, opened lazily on first use.
+type File struct {
 	fs         vfs.FS
 	path       string
 	index      int
@@ -51,17 +50,17 @@ type Segment struct {
 }
 
 // New describes segment file path (not opened yet).
-func New(fsys vfs.FS, path string, index int, sectorSize int64, readOnly bool) *Segment {
-	return &Segment{fs: fsys, path: path, index: index, sectorSize: sectorSize, readOnly: readOnly}
+func New(fsys vfs.FS, path string, index int, sectorSize int64, readOnly bool) *File {
+	return &File{fs: fsys, path: path, index: index, sectorSize: sectorSize, readOnly: readOnly}
 }
 
 // Path is the segment file's path.
-func (s *Segment) Path() string { return s.path }
+func (s *File) Path() string { return s.path }
 
 // Index is the segment number.
-func (s *Segment) Index() int { return s.index }
+func (s *File) Index() int { return s.index }
 
-func (s *Segment) file() (vfs.File, error) {
+func (s *File) file() (vfs.File, error) {
 	s.openOnce.Do(func() {
 		flag := os.O_RDWR
 		if s.readOnly {
@@ -76,7 +75,7 @@ func (s *Segment) file() (vfs.File, error) {
 }
 
 // Size is the file's current length.
-func (s *Segment) Size() (int64, error) {
+func (s *File) Size() (int64, error) {
 	f, err := s.file()
 	if err != nil {
 		return 0, err
@@ -85,7 +84,7 @@ func (s *Segment) Size() (int64, error) {
 }
 
 // Allocated is the number of bytes the file occupies on its device.
-func (s *Segment) Allocated() (int64, error) {
+func (s *File) Allocated() (int64, error) {
 	f, err := s.file()
 	if err != nil {
 		return 0, err
@@ -95,18 +94,18 @@ func (s *Segment) Allocated() (int64, error) {
 
 // SetNext sets the append cursor (at load: max(file slots, highest
 // referenced slot + 1)).
-func (s *Segment) SetNext(slot int64) { s.next.Store(slot) }
+func (s *File) SetNext(slot int64) { s.next.Store(slot) }
 
-// Next is the append cursor: the number of slots ever allocated.
-func (s *Segment) Next() int64 { return s.next.Load() }
+// cursor is the append cursor: the number of slots ever allocated.
+func (s *File) cursor() int64 { return s.next.Load() }
 
 // Alloc reserves n consecutive new slots and returns the first. Slots are
 // never handed out twice while the segment is open.
-func (s *Segment) Alloc(n int64) int64 { return s.next.Add(n) - n }
+func (s *File) Alloc(n int64) int64 { return s.next.Add(n) - n }
 
 // ReadAt reads len(p) bytes at byte offset off of the file. Bytes past the
 // end of the file read as zeros (a split segment may be short or sparse).
-func (s *Segment) ReadAt(p []byte, off int64) error {
+func (s *File) ReadAt(p []byte, off int64) error {
 	f, err := s.file()
 	if err != nil {
 		return err
@@ -121,7 +120,7 @@ func (s *Segment) ReadAt(p []byte, off int64) error {
 
 // ReadSlotsStrict reads len(p) bytes at byte offset off, which must lie
 // entirely inside the file; a short read is reported as ErrShort.
-func (s *Segment) ReadSlotsStrict(p []byte, off int64) error {
+func (s *File) ReadSlotsStrict(p []byte, off int64) error {
 	f, err := s.file()
 	if err != nil {
 		return err
@@ -137,7 +136,7 @@ func (s *Segment) ReadSlotsStrict(p []byte, off int64) error {
 }
 
 // WriteAt writes p at byte offset off and marks the segment dirty.
-func (s *Segment) WriteAt(p []byte, off int64) error {
+func (s *File) WriteAt(p []byte, off int64) error {
 	f, err := s.file()
 	if err != nil {
 		return err
@@ -155,7 +154,7 @@ func (s *Segment) WriteAt(p []byte, off int64) error {
 }
 
 // Punch deallocates [off, off+n) of the file; it reads as zeros afterwards.
-func (s *Segment) Punch(off, n int64) error {
+func (s *File) Punch(off, n int64) error {
 	f, err := s.file()
 	if err != nil {
 		return err
@@ -168,7 +167,7 @@ func (s *Segment) Punch(off, n int64) error {
 }
 
 // Truncate sets the file length (offline tools only).
-func (s *Segment) Truncate(size int64) error {
+func (s *File) Truncate(size int64) error {
 	f, err := s.file()
 	if err != nil {
 		return err
@@ -181,11 +180,11 @@ func (s *Segment) Truncate(size int64) error {
 }
 
 // Dirty reports whether the segment was written since its last Sync.
-func (s *Segment) Dirty() bool { return s.dirty.Load() }
+func (s *File) Dirty() bool { return s.dirty.Load() }
 
 // Sync makes every completed write durable, if any happened since the last
 // Sync. On failure the segment stays dirty.
-func (s *Segment) Sync() error {
+func (s *File) Sync() error {
 	if !s.dirty.Swap(false) {
 		return nil
 	}
@@ -202,7 +201,7 @@ func (s *Segment) Sync() error {
 }
 
 // Close closes the file if it was opened.
-func (s *Segment) Close() error {
+func (s *File) Close() error {
 	if s.f != nil {
 		return s.f.Close()
 	}

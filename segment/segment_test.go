@@ -10,14 +10,6 @@ import (
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
-func TestName(t *testing.T) {
-	for i, want := range map[int]string{0: "d.img.0000", 7: "d.img.0007", 9999: "d.img.9999", 10000: "d.img.10000"} {
-		if got := Name("d.img", i); got != want {
-			t.Errorf("Name(%d) = %q, want %q", i, got, want)
-		}
-	}
-}
-
 // Concurrent Alloc never hands out a slot twice.
 func TestAllocUnique(t *testing.T) {
 	s := New(vfs.NewMemFS(), "/d.img.0000", 0, 4096, false)
@@ -44,8 +36,8 @@ func TestAllocUnique(t *testing.T) {
 		}(g)
 	}
 	wg.Wait()
-	if int64(len(seen)) != s.Next()-5 {
-		t.Errorf("%d slots seen, cursor moved by %d", len(seen), s.Next()-5)
+	if int64(len(seen)) != s.cursor()-5 {
+		t.Errorf("%d slots seen, cursor moved by %d", len(seen), s.cursor()-5)
 	}
 }
 

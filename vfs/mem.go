@@ -498,6 +498,60 @@ func (f *memFile) Allocated() (int64, error) {
 	return a, nil
 }
 
+// memBlock is the granularity of a MemFS file's data regions: a 4 KiB
+// block is data if it holds a non-zero byte, a hole otherwise (as
+// [memFile.Allocated] counts them).
+const memBlock = 4096
+
+func memBlockIsData(d []byte, b int64) bool {
+	for _, c := range d[b*memBlock : min((b+1)*memBlock, int64(len(d)))] {
+		if c != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// SeekData finds the first 4 KiB block at or after off holding a
+// non-zero byte.
+func (f *memFile) SeekData(off int64) (int64, error) {
+	f.m.mu.Lock()
+	defer f.m.mu.Unlock()
+	if err := f.check(false); err != nil {
+		return 0, err
+	}
+	d := f.node.data
+	if off < 0 || off >= int64(len(d)) {
+		return 0, io.EOF
+	}
+	for b := off / memBlock; b*memBlock < int64(len(d)); b++ {
+		if memBlockIsData(d, b) {
+			return max(off, b*memBlock), nil
+		}
+	}
+	return 0, io.EOF
+}
+
+// SeekHole finds the first 4 KiB block at or after off holding only
+// zeros, or the end of the file.
+func (f *memFile) SeekHole(off int64) (int64, error) {
+	f.m.mu.Lock()
+	defer f.m.mu.Unlock()
+	if err := f.check(false); err != nil {
+		return 0, err
+	}
+	d := f.node.data
+	if off < 0 || off >= int64(len(d)) {
+		return 0, io.EOF
+	}
+	for b := off / memBlock; b*memBlock < int64(len(d)); b++ {
+		if !memBlockIsData(d, b) {
+			return max(off, b*memBlock), nil
+		}
+	}
+	return int64(len(d)), nil
+}
+
 type memInfo struct {
 	name string
 	size int64

@@ -3,6 +3,7 @@ package vfs
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -181,4 +182,26 @@ func (f osFile) Allocated() (int64, error) {
 		return 0, &os.PathError{Op: "fstat", Path: f.Name(), Err: err}
 	}
 	return st.Blocks * 512, nil
+}
+
+// SeekData uses lseek(2) SEEK_DATA. The kernel file offset it moves is
+// used by nothing else: every read and write is a pread or pwrite.
+func (f osFile) SeekData(off int64) (int64, error) { return f.seek(off, unix.SEEK_DATA) }
+
+// SeekHole uses lseek(2) SEEK_HOLE.
+func (f osFile) SeekHole(off int64) (int64, error) { return f.seek(off, unix.SEEK_HOLE) }
+
+func (f osFile) seek(off int64, whence int) (int64, error) {
+	for {
+		pos, err := unix.Seek(int(f.Fd()), off, whence)
+		switch {
+		case err == nil:
+			return pos, nil
+		case errors.Is(err, unix.ENXIO):
+			return 0, io.EOF
+		case errors.Is(err, unix.EINTR):
+			continue
+		}
+		return 0, &os.PathError{Op: "lseek", Path: f.Name(), Err: err}
+	}
 }

@@ -69,4 +69,14 @@ type File interface {
 	PunchHole(off, n int64) error
 	// Allocated is the number of bytes the file occupies on its device.
 	Allocated() (int64, error)
+	// SeekData returns the offset of the first byte at or after off that
+	// lies in a data region, like lseek(2) SEEK_DATA; io.EOF if there is
+	// none before the end of the file. A data region may still read as
+	// zeros; a hole always does. It does not move any file offset other
+	// callers rely on (ReadAt and WriteAt take their own).
+	SeekData(off int64) (int64, error)
+	// SeekHole returns the offset of the first hole at or after off, like
+	// SEEK_HOLE: the end of the file counts as a hole, so for off below
+	// the file's length it always finds one; io.EOF for off at or past it.
+	SeekHole(off int64) (int64, error)
 }

@@ -1,10 +1,12 @@
 // Command harness runs sparsedisk's end-to-end benchmarks against its peers
-// (qemu-nbd with qcow2 and raw, nbdkit file, nbdfuse over nbdkit, qemu-img,
-// and a local raw file as the ceiling) in one run on one machine, repeats
-// every measurement, and writes the medians with ratios to RESULTS.md and
-// a chart to results.png.
+// (qemu-nbd with qcow2 and raw, nbdkit file, nbdkit memory as the protocol
+// reference, nbdfuse over nbdkit, qemu-img, and the local file itself) in
+// one run on one machine, over TCP under two congestion controls and over
+// a Unix socket, repeats every measurement with the target order rotated,
+// and writes medians, min–max and ratios to RESULTS.md and a chart to
+// results.png. bench/README.md explains the method.
 //
-//	go run ./bench/harness [-quick] [-out DIR] [-bin bin/sparsedisk] [-work DIR] [-only nbd,copy,space,fuse,convert] [-reps N]
+//	go run ./bench/harness [-quick] [-out DIR] [-bin bin/sparsedisk] [-work DIR] [-only nbd,copy,space,fuse,convert,cost] [-reps N]
 //
 // It installs nothing: `make bench` runs scripts/deps.sh first. Every
 // server listens on loopback on a free port and is stopped (process group
@@ -26,29 +28,34 @@ import (
 	"time"
 )
 
-// config sizes the run; quick mode is a smoke run of about two minutes.
+// config sizes the run; quick mode is a smoke run of a few minutes.
 type config struct {
-	quick       bool
-	reps        int
-	imageSize   string // virtual size of the fio images
-	seqSize     string // amount of sequential I/O and random region
-	randNBD     int    // seconds per random NBD job
-	randFUSE    int    // seconds per random FUSE job
-	spaceFiles  int    // number of 16 MiB files put on ext4 (space workload)
-	copyDisk    int64  // nbdcopy: virtual size
-	copyData    int64  // nbdcopy: bytes of data in it
-	convertSize int64  // convert: raw source size (10% data)
-	profileSecs int
+	quick        bool
+	reps         int
+	imageSize    string // virtual size of the fio images
+	seqSize      string // amount of sequential I/O and random region
+	prefault     int64  // bytes touched and freed before each target's jobs
+	randNBD      int    // seconds per random NBD job
+	randFUSE     int    // seconds per random FUSE job
+	spaceFiles   int    // number of 16 MiB files put on ext4 (space workload)
+	copyDisk     int64  // nbdcopy: virtual size
+	copyData     int64  // nbdcopy: bytes of data in it
+	convertSize  int64  // convert: raw source size (10% data)
+	profileSecs  int
+	costRequests int64 // requests per run of the per-request cost rows
 }
 
+// The full run is sized to finish in about half an hour on the 2-core
+// development VM: every NBD job runs on 4 servers × 3 transports plus the
+// local file, 5 times.
 func fullConfig() config {
-	return config{reps: 3, imageSize: "4G", seqSize: "1g", randNBD: 10, randFUSE: 6,
-		spaceFiles: 64, copyDisk: 20 << 30, copyData: 200 << 20, convertSize: 4 << 30, profileSecs: 15}
+	return config{reps: 5, imageSize: "4G", seqSize: "512m", prefault: 768 << 20, randNBD: 3, randFUSE: 3,
+		spaceFiles: 32, copyDisk: 20 << 30, copyData: 200 << 20, convertSize: 2 << 30, profileSecs: 8, costRequests: 50000}
 }
 
 func quickConfig() config {
-	return config{quick: true, reps: 1, imageSize: "4G", seqSize: "256m", randNBD: 3, randFUSE: 2,
-		spaceFiles: 8, copyDisk: 20 << 30, copyData: 200 << 20, convertSize: 1 << 30, profileSecs: 4}
+	return config{quick: true, reps: 1, imageSize: "4G", seqSize: "128m", prefault: 192 << 20, randNBD: 1, randFUSE: 1,
+		spaceFiles: 4, copyDisk: 20 << 30, copyData: 200 << 20, convertSize: 256 << 20, profileSecs: 2, costRequests: 5000}
 }
 
 var (
@@ -59,13 +66,28 @@ var (
 )
 
 func main() {
-	quick := flag.Bool("quick", false, "smoke run: one repetition, small sizes, short random jobs (about 2 minutes)")
+	// As root, the run happens in a private network namespace, whose TCP
+	// congestion control it may set (see netns.go).
+	reexecInNetns()
+	quick := flag.Bool("quick", false, "smoke run: one repetition, small sizes, short random jobs (a few minutes)")
 	out := flag.String("out", "", "directory for RESULTS.md, results.png and the profiles (default bench, or /tmp/sparsedisk-bench-quick with -quick)")
 	bin := flag.String("bin", "bin/sparsedisk", "sparsedisk binary (built with `go build` if missing)")
 	work := flag.String("work", "", "scratch directory on the file system to measure (default: a new directory in /var/tmp)")
-	only := flag.String("only", "", "comma-separated workloads to run (nbd,copy,space,fuse,convert); default all")
-	reps := flag.Int("reps", 0, "repetitions per measurement (default 3, 1 with -quick)")
+	only := flag.String("only", "", "comma-separated workloads to run (nbd,copy,space,fuse,convert,cost); default all")
+	reps := flag.Int("reps", 0, "repetitions per measurement (default 5, 1 with -quick)")
+	chart := flag.String("chart", "", "measure nothing: draw results.png again from this results.json (into -out, default its directory)")
 	flag.Parse()
+	if *chart != "" {
+		dir := *out
+		if dir == "" {
+			dir = filepath.Dir(*chart)
+		}
+		if err := replot(*chart, filepath.Join(dir, "results.png")); err != nil {
+			fmt.Fprintln(os.Stderr, "harness:", err)
+			os.Exit(1)
+		}
+		return
+	}
 
 	cfg = fullConfig()
 	if *quick {
@@ -137,6 +159,9 @@ func mainErr(out, bin, work, only string) error {
 		}
 	}
 
+	if err := setupTransports(); err != nil {
+		return err
+	}
 	res := newResults()
 	started := time.Now()
 	want := func(w string) bool { return only == "" || slices.Contains(strings.Split(only, ","), w) }
@@ -149,6 +174,7 @@ func mainErr(out, bin, work, only string) error {
 		{"space", benchSpace},
 		{"fuse", benchFUSE},
 		{"convert", benchConvert},
+		{"cost", benchCost},
 	}
 	var failures []string
 	for _, s := range steps {

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -59,7 +61,7 @@ func worstRow(res *results) (*rowDef, string, float64) {
 }
 
 // profileRows profiles the worst row first (into profile.txt), then every
-// other fio row that misses a target (profile-ROW.txt), at most four.
+// other fio row that misses a target (profile-ROW.txt), at most three.
 func profileRows(ctx context.Context, res *results, out string) ([]*profileReport, error) {
 	row, peer, ratio := worstRow(res)
 	if row == nil {
@@ -83,16 +85,17 @@ func profileRows(ctx context.Context, res *results, out string) ([]*profileRepor
 		return nil, err
 	}
 	reps = append(reps, r)
-	done := map[string]bool{row.id: true}
+	// One profile per workload: its transports share the server's code.
+	done := map[string]bool{row.panel: true}
 	for _, g := range res.goals() {
-		if len(reps) == 4 || ctx.Err() != nil {
+		if len(reps) == 3 || ctx.Err() != nil {
 			break
 		}
-		if g.met || g.row.job == nil || done[g.row.id] || math.IsNaN(g.ratio) {
+		if g.met || g.row.job == nil || done[g.row.panel] || math.IsNaN(g.ratio) {
 			continue
 		}
-		done[g.row.id] = true
-		r, err := profileRow(ctx, g.row, g.goal.peer, g.ratio, out, "profile-"+g.row.id+".txt")
+		done[g.row.panel] = true
+		r, err := profileRow(ctx, g.row, g.goal.peer, g.ratio, out, "profile-"+strings.ReplaceAll(g.row.id, "@", "-")+".txt")
 		if err != nil {
 			warnf("profile %s: %v", g.row.id, err)
 			continue
@@ -122,10 +125,14 @@ func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, ou
 	fuse := strings.HasPrefix(row.id, "fuse-")
 	var pid int
 	var target []string
-	// The server also writes a Go CPU profile (pprof) of its whole life,
-	// fill included, when it is stopped cleanly by the teardown below.
-	pprofPath := filepath.Join(dir, "cpu.pprof")
-	extraEnv = []string{"SPARSEDISK_CPUPROFILE=" + pprofPath}
+	// The server serves Go's profiler on a loopback port; its CPU profile
+	// is taken over the measured job only (not the fill before it).
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	debug := "127.0.0.1:" + strconv.Itoa(port)
+	extraEnv = []string{"SPARSEDISK_DEBUG_ADDR=" + debug}
 	if fuse {
 		ff, err := mountFUSE(tSD, img, dir)
 		extraEnv = nil
@@ -134,7 +141,7 @@ func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, ou
 		}
 		pid, target = ff.pid, []string{"--ioengine=" + job.engine, "--filename=" + ff.path}
 	} else {
-		srv, err := serveNBD(tSD, img)
+		srv, err := serveNBD(tSD, img, *row.tr, dir)
 		extraEnv = nil
 		if err != nil {
 			return nil, err
@@ -148,26 +155,59 @@ func profileRow(ctx context.Context, row *rowDef, peer string, ratio float64, ou
 			return nil, err
 		}
 	}
-	if job.runtime > 0 {
-		job.runtime = cfg.profileSecs
-	}
+	// Every profiled job runs for a fixed time, one second longer than
+	// the Go profile's window, so the window lies inside the job (a
+	// sequential job starts over at the beginning of its region when it
+	// reaches the end).
+	job.runtime = cfg.profileSecs + 1
+	prefault()
 	data := filepath.Join(dir, "perf.data")
 	perf, err := start("perf", "perf", "record", "-F", "999", "-g", "-p", strconv.Itoa(pid), "-o", data)
 	if err != nil {
 		return nil, err
 	}
+	pprofPath := filepath.Join(dir, "cpu.pprof")
+	pprofErr := make(chan error, 1)
+	go func() { pprofErr <- fetchProfile(debug, cfg.profileSecs, pprofPath) }()
 	t0 := time.Now()
 	_, ferr := runFio(ctx, job, target...)
 	rep.wall = time.Since(t0)
 	perf.stop()
+	perr := <-pprofErr
 	if ferr != nil {
 		return nil, ferr
 	}
 	rep.command = shellJoin(append(append(job.args(), target...), "# perf record -F 999 -g -p PID"))
 	rep.command = strings.ReplaceAll(rep.command, workDir, "$WORK")
-	teardown() // stops the server cleanly, which writes its pprof profile
-	rep.pprofTop = pprofTop(ctx, pprofPath)
+	if perr != nil {
+		rep.pprofTop = "(no Go profile: " + perr.Error() + ")"
+	} else {
+		rep.pprofTop = pprofTop(ctx, pprofPath)
+	}
 	return rep, analyzePerf(ctx, rep, data, filepath.Join(out, file))
+}
+
+// fetchProfile takes a Go CPU profile of secs seconds from a sparsedisk
+// debug endpoint into path.
+func fetchProfile(addr string, secs int, path string) error {
+	cl := http.Client{Timeout: time.Duration(secs+30) * time.Second}
+	resp, err := cl.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("/debug/pprof/profile: %s", resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // pprofTop renders the Go CPU profile the profiled server wrote, or says
@@ -184,8 +224,8 @@ func pprofTop(ctx context.Context, path string) string {
 }
 
 // profileConvert runs sparsedisk convert once under perf record (the
-// convert row has no target in the issue, but is the slowest relative
-// to its peer in practice, so it gets its own profile).
+// convert row has no target, but is the slowest relative to its peer in
+// practice, so it gets its own profile).
 func profileConvert(ctx context.Context, res *results, out string) (*profileReport, error) {
 	row := rowByID("convert-time")
 	if res.count(row.id, tSDConv) == 0 {

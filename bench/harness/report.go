@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -97,19 +98,20 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 		mode = "quick smoke run (`-quick`: small sizes, one repetition — not for conclusions)"
 	}
 	fmt.Fprintf(&b, "# sparsedisk against its peers\n\n")
-	fmt.Fprintf(&b, "Written by `bench/harness` (never by hand) on %s, %s, %d repetition(s) per measurement, medians shown; the run took %s.\n",
+	fmt.Fprintf(&b, "Written by `bench/harness` (never by hand) on %s, %s, %d repetition(s) per measurement, each cell the median with (min–max) of the repetitions; the run took %s.\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), mode, cfg.reps, elapsed.Round(time.Second))
 	fmt.Fprintf(&b, "Reproduce with `make bench` (or `go run ./bench/harness`); the chart is `results.png`, the profiles `profile.txt` and `profile-convert.txt`.\n\n")
 	fmt.Fprintf(&b, "Ratios are oriented so that **above 1 means sparsedisk is better**: throughput and IOPS are sparsedisk ÷ peer, times and bytes on disk are peer ÷ sparsedisk. ")
-	fmt.Fprintf(&b, "Every target ran on the same machine in the same run, interleaved (the order of targets rotates each repetition), so compare ratios rather than absolute numbers.\n\n")
-	fmt.Fprintf(&b, "%s\n\n", settleNote)
+	fmt.Fprintf(&b, "Every target ran on the same machine in the same run, interleaved (the order of targets rotates each repetition), so compare ratios rather than absolute numbers. Ratios are of medians.\n\n")
+	fmt.Fprintf(&b, settleNote+"\n\n", mib(cfg.prefault))
+	fmt.Fprintf(&b, "%s\n\n", ccNote())
 
 	fmt.Fprintf(&b, "## Machine\n\n%s\n", machine(ctx))
 
 	fmt.Fprintf(&b, "## Results\n\n")
 	groups := []string{}
 	for _, r := range rowDefs {
-		if len(groups) == 0 || groups[len(groups)-1] != r.group {
+		if !slices.Contains(groups, r.group) {
 			groups = append(groups, r.group)
 		}
 	}
@@ -122,18 +124,31 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 		}
 		// The rows of a group share their targets.
 		ts := rows[0].targets
-		fmt.Fprintf(&b, "### %s\n\n| row | unit |", groupTitle(g))
+		labelled := rows[0].tr != nil
+		fmt.Fprintf(&b, "### %s\n\n| row |", groupTitle(g))
+		if labelled {
+			fmt.Fprintf(&b, " transport |")
+		}
+		fmt.Fprintf(&b, " unit |")
 		for _, t := range ts {
 			fmt.Fprintf(&b, " %s |", t)
 		}
 		for _, p := range peersOf(rows[0]) {
 			fmt.Fprintf(&b, " vs %s |", p)
 		}
-		fmt.Fprintf(&b, "\n|---|---|%s%s\n", strings.Repeat("---:|", len(ts)), strings.Repeat("---:|", len(peersOf(rows[0]))))
+		cols := 2 + len(ts) + len(peersOf(rows[0]))
+		if labelled {
+			cols++
+		}
+		fmt.Fprintf(&b, "\n|---|---|%s\n", strings.Repeat("---:|", cols-2))
 		for _, r := range rows {
-			fmt.Fprintf(&b, "| %s | %s |", r.title, r.unit)
+			fmt.Fprintf(&b, "| %s |", r.title)
+			if labelled {
+				fmt.Fprintf(&b, " %s |", r.label)
+			}
+			fmt.Fprintf(&b, " %s |", r.unit)
 			for _, t := range ts {
-				fmt.Fprintf(&b, " %s |", fmtVal(res.median(r.id, t), r.unit))
+				fmt.Fprintf(&b, " %s |", fmtCell(res, r, t))
 			}
 			for _, p := range peersOf(r) {
 				q := fmtRatio(res.ratio(r, p))
@@ -147,8 +162,12 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 			fmt.Fprintf(&b, "\n")
 		}
 		fmt.Fprintf(&b, "\n")
+		if note := groupNote(g); note != "" {
+			fmt.Fprintf(&b, "%s\n\n", note)
+		}
 	}
-	fmt.Fprintf(&b, "Bold ratios are the ones the issue sets a target for.\n\n")
+	fmt.Fprintf(&b, "Bold ratios have a target (next section).\n\n")
+	fmt.Fprintf(&b, "%s", renderCosts(res))
 
 	fmt.Fprintf(&b, "## Targets\n\n| target | row | ratio | needed | |\n|---|---|---:|---:|---|\n")
 	met, total := 0, 0
@@ -166,7 +185,7 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 			status = fmt.Sprintf("**missed by %.1f%%**", (1-g.ratio/g.goal.min)*100)
 			missed = append(missed, g)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s |\n", g.goal.what, g.row.title, fmtRatio(g.ratio), g.goal.min, status)
+		fmt.Fprintf(&b, "| %s | %s | %s | %.2f× | %s |\n", g.goal.what, g.row.fullTitle(), fmtRatio(g.ratio), g.goal.min, status)
 	}
 	fmt.Fprintf(&b, "\n%d of %d targets met.", met, total)
 	if len(missed) > 0 {
@@ -182,7 +201,7 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 			case g.row.id == "space":
 				why = " Why: the LUT, see the note below."
 			}
-			fmt.Fprintf(&b, "- %s: %s — %s needed, got %s.%s\n", g.row.title, g.goal.what, fmtRatio(g.goal.min), fmtRatio(g.ratio), why)
+			fmt.Fprintf(&b, "- %s: %s — %s needed, got %s.%s\n", g.row.fullTitle(), g.goal.what, fmtRatio(g.goal.min), fmtRatio(g.ratio), why)
 		}
 	}
 	fmt.Fprintf(&b, "\n\n")
@@ -201,7 +220,7 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 		if i == 1 {
 			fmt.Fprintf(&b, "## Profiles of the other rows that miss a target\n\n")
 		}
-		fmt.Fprintf(&b, "### %s\n\n%s\n", p.row.title, renderProfile(p, true))
+		fmt.Fprintf(&b, "### %s\n\n%s\n", p.row.fullTitle(), renderProfile(p, true))
 	}
 	if convProf != nil {
 		fmt.Fprintf(&b, "## Profile of sparsedisk convert\n\n%s\n", renderProfile(convProf, false))
@@ -216,18 +235,21 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 	}
 
 	fmt.Fprintf(&b, "## Method\n\n")
-	fmt.Fprintf(&b, "- NBD rows (1–3): each repetition gets a fresh, empty %s image per target; fio's `nbd` engine (libnbd, one connection) "+
-		"writes %s sequentially in 1 MiB requests at queue depth 1 (allocation path, then a flush), reads it back, then runs 4 KiB random writes (in place) "+
-		"and random reads over that region at queue depth 16 for %d s each. The local raw file is the ceiling: the same jobs on the file itself (psync, io_uring for depth 16), buffered, like the servers.\n",
+	fmt.Fprintf(&b, "- NBD rows: each repetition visits every server × transport (and the local file) in a rotated order; each gets a fresh, empty %s image, "+
+		"`settle` and `prefault`, then fio's `nbd` engine (libnbd) writes %s sequentially in 1 MiB requests at queue depth 1 (allocation path, then a flush), reads it back, "+
+		"then runs 4 KiB random writes (in place) and random reads over that region at queue depth 16 for %d s each, on one connection and then on four (`--numjobs=4`, each job its own connection). "+
+		"Servers: `sparsedisk serve --tcp-congestion=system`, `nbdkit file`, `nbdkit memory` (RAM, no file system: the cost of the protocol and transport through nbdkit's request loop), `qemu-nbd -f qcow2 --cache=writeback --shared=8`. "+
+		"The local file runs the same jobs on the file itself (psync; io_uring at depth 16), buffered, with the cache as warm as the servers': an upper bound for the reads, not for the writes (see the local-file table).\n",
 		cfg.imageSize, cfg.seqSize, cfg.randNBD)
 	fmt.Fprintf(&b, "- nbdcopy (4): a %s raw file with %s of random data in 1 MiB extents spread evenly; the qcow2 copy is made by `qemu-img convert`, the sparsedisk copy by `nbdcopy --destination-is-zero` into `sparsedisk serve`. Time of `nbdcopy URI null:` (default request size and extents), which shows how well holes are reported and skipped.\n",
 		gib(cfg.copyDisk), mib(cfg.copyData))
 	fmt.Fprintf(&b, "- Space (5): `mkfs.ext4 -d` with %d files of 16 MiB of random data onto a 20 GiB disk; the kernel here has no NBD module, so sparsedisk goes through `sparsedisk mount` and qcow2 through `nbdfuse` over `qemu-nbd`; raw is a sparse file. Bytes on disk = st_blocks × 512 of every file of the image (sparsedisk: descriptor, segments and LUT) after unmount.\n",
 		cfg.spaceFiles)
-	fmt.Fprintf(&b, "- FUSE rows (6): fio with `--direct=1` on the file in the mount (`sparsedisk mount` vs `nbdfuse` over `nbdkit file` on a Unix socket), fresh image per repetition; sequential %s, random for %d s; the local raw file with O_DIRECT is the ceiling.\n",
+	fmt.Fprintf(&b, "- FUSE rows (6): fio with `--direct=1` on the file in the mount (`sparsedisk mount` vs `nbdfuse` over `nbdkit file` on a Unix socket), fresh image per repetition, `settle` and `prefault` before; sequential %s, random for %d s. Behind FUSE both engines read and write the page cache, so the local file runs the same jobs buffered (not O_DIRECT, which would measure the disk instead) with the same warm cache: an upper bound for the reads; for the writes only a reference (see the local-file table).\n",
 		cfg.seqSize, cfg.randFUSE)
-	fmt.Fprintf(&b, "- Convert (7): a %s raw file with 10%% of its 64 KiB blocks (chosen at random) holding random data; wall time of each converter and bytes of its output on disk.\n\n",
+	fmt.Fprintf(&b, "- Convert (7): a %s raw file with 10%% of its 64 KiB blocks (chosen at random) holding random data; wall time of each converter including a final `sync` of its output, and bytes of its output on disk. Once per run, untimed, the sparsedisk image is converted back to raw, compared byte for byte with the source and checked (`sparsedisk check`).\n",
 		gib(cfg.convertSize))
+	fmt.Fprintf(&b, "- Per-request cost: see that section.\n\n")
 
 	fmt.Fprintf(&b, "## Every sample\n\nIn run order (the medians above come from these; `results.json` holds the same):\n\n| row | target | samples |\n|---|---|---|\n")
 	for _, r := range rowDefs {
@@ -255,7 +277,8 @@ func renderMarkdown(ctx context.Context, res *results, profs []*profileReport, c
 
 func groupTitle(g string) string {
 	return map[string]string{
-		"1 NBD":     "NBD (1–3): fio --ioengine=nbd",
+		"1 NBD":     "NBD: fio --ioengine=nbd, every server over every transport",
+		"2 local":   "The local file: the NBD jobs without a server (an upper bound for reads, not for writes: see below)",
 		"4 nbdcopy": "nbdcopy of a sparse disk (4)",
 		"5 space":   "Space on disk (5)",
 		"6 FUSE":    "FUSE (6): fio --direct=1 on the file in the mount",
@@ -273,9 +296,9 @@ func renderProfile(p *profileReport, worst bool) string {
 	var b strings.Builder
 	if worst {
 		fmt.Fprintf(&b, "Row **%s** (%s vs %s). It was run again for sparsedisk alone with `perf record -F 999 -g` attached to the serving process (%s samples):\n\n",
-			p.row.title, fmtRatio(p.ratio), p.peer, p.samples)
+			p.row.fullTitle(), fmtRatio(p.ratio), p.peer, p.samples)
 	} else {
-		fmt.Fprintf(&b, "The convert row has no target in the issue, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
+		fmt.Fprintf(&b, "The convert row has no target, but sparsedisk is %s of %s there, so it was profiled too: one more convert under `perf record -F 999 -g` (%s samples):\n\n",
 			fmtRatio(p.ratio), p.peer, p.samples)
 	}
 	fmt.Fprintf(&b, "```\n%s\n```\n\n", p.command)
@@ -309,7 +332,7 @@ func renderProfile(p *profileReport, worst bool) string {
 		}
 	}
 	if p.pprofTop != "" {
-		fmt.Fprintf(&b, "\nThe same server's Go CPU profile (`SPARSEDISK_CPUPROFILE`, then `go tool pprof -top`; Go code and the syscalls it makes, not the kernel's side):\n\n```\n%s\n```\n", pprofHead(p.pprofTop, 16))
+		fmt.Fprintf(&b, "\nThe same server's Go CPU profile over %d s inside the measured job, after the fill (`SPARSEDISK_DEBUG_ADDR`, `/debug/pprof/profile?seconds=%d`, then `go tool pprof -top`; Go code and the syscalls it makes, not the kernel's side):\n\n```\n%s\n```\n", cfg.profileSecs, cfg.profileSecs, pprofHead(p.pprofTop, 16))
 	}
 	fmt.Fprintf(&b, "\n%s Full report with call chains: `%s`.\n", profileVerdict(p), p.file)
 	return b.String()
@@ -406,7 +429,7 @@ func profileVerdict(p *profileReport) string {
 func renderSummary(res *results) string {
 	var b strings.Builder
 	for _, r := range rowDefs {
-		fmt.Fprintf(&b, "%-42s %10s %-6s", r.title, fmtVal(res.median(r.id, r.self), r.unit), r.unit)
+		fmt.Fprintf(&b, "%-60s %10s %-6s", r.fullTitle(), fmtVal(res.median(r.id, r.self), r.unit), r.unit)
 		for _, p := range peersOf(r) {
 			fmt.Fprintf(&b, "  %s %s", p, fmtRatio(res.ratio(r, p)))
 		}
@@ -414,7 +437,7 @@ func renderSummary(res *results) string {
 	}
 	for _, g := range res.goals() {
 		if !g.met {
-			fmt.Fprintf(&b, "MISSED: %s: %s (%s)\n", g.row.title, g.goal.what, fmtRatio(g.ratio))
+			fmt.Fprintf(&b, "MISSED: %s: %s (%s)\n", g.row.fullTitle(), g.goal.what, fmtRatio(g.ratio))
 		}
 	}
 	return b.String()
@@ -424,22 +447,26 @@ func renderSummary(res *results) string {
 // checked or re-plotted without running again.
 func writeJSON(res *results, path string) error {
 	type cell struct {
-		Row     string    `json:"row"`
-		Title   string    `json:"title"`
-		Unit    string    `json:"unit"`
-		Target  string    `json:"target"`
-		Samples []float64 `json:"samples"`
-		Median  float64   `json:"median"`
+		Row       string    `json:"row"`
+		Title     string    `json:"title"`
+		Transport string    `json:"transport,omitempty"`
+		Unit      string    `json:"unit"`
+		Target    string    `json:"target"`
+		Samples   []float64 `json:"samples"`
+		Median    float64   `json:"median"`
+		Min       float64   `json:"min"`
+		Max       float64   `json:"max"`
 	}
 	var cells []cell
 	for _, r := range rowDefs {
 		for _, t := range r.targets {
 			if s := res.allSamples(r.id, t); len(s) > 0 {
-				cells = append(cells, cell{r.id, r.title, r.unit, t, s, medianOf(s)})
+				cells = append(cells, cell{r.id, r.title, r.label, r.unit, t, s, medianOf(s), slices.Min(s), slices.Max(s)})
 			}
 		}
 	}
-	doc := map[string]any{"date": time.Now().UTC().Format(time.RFC3339), "quick": cfg.quick, "repetitions": cfg.reps, "cells": cells, "lut_mib": res.lutMiB}
+	doc := map[string]any{"date": time.Now().UTC().Format(time.RFC3339), "quick": cfg.quick, "repetitions": cfg.reps, "cells": cells, "lut_mib": res.lutMiB,
+		"per_request_cost": res.costs, "host_congestion_control": hostCC}
 	data, err := json.MarshalIndent(doc, "", "  ")
 	if err != nil {
 		return err
@@ -454,4 +481,77 @@ func pprofHead(s string, n int) string {
 		lines = lines[:n]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// fullTitle names a row with its transport, where it has one.
+func (r *rowDef) fullTitle() string {
+	if r.label != "" {
+		return r.title + " — " + r.label
+	}
+	return r.title
+}
+
+// fmtCell is "median (min–max)" of row/target, or just the value when
+// there is one sample.
+func fmtCell(res *results, r *rowDef, t string) string {
+	m := res.median(r.id, t)
+	if math.IsNaN(m) {
+		return "—"
+	}
+	if res.count(r.id, t) < 2 {
+		return fmtVal(m, r.unit)
+	}
+	lo, hi := res.spread(r.id, t)
+	return fmt.Sprintf("%s (%s–%s)", fmtVal(m, r.unit), fmtVal(lo, r.unit), fmtVal(hi, r.unit))
+}
+
+func groupNote(g string) string {
+	switch g {
+	case "2 local":
+		return "For reads the local file is a true ceiling: the same page cache with no protocol and no server. For writes it is not: here its writes, and those of nbdkit file, " +
+			"which writes its file the same way, are slower than sparsedisk's through NBD. The likely cause, measured on this machine before: 1 MiB-aligned buffered writes get 1 MiB " +
+			"page-cache folios, slow to allocate in this VM, and each later 4 KiB write walks the whole folio's buffer heads in ext4 (`ext4_block_write_begin`); sparsedisk writes " +
+			"its segment files in pieces of at most 64 KiB (vfs `maxWriteChunk`). Compare writes with nbdkit memory instead.\n"
+	case "1 NBD":
+		return "nbdkit memory keeps the disk in RAM and has no file system underneath: it shows what the NBD protocol and the transport cost with nbdkit's request loop and no storage work at all. " +
+			"It is a reference, not a hard ceiling: a server with a cheaper request path can pass it (sparsedisk does on some read rows). Unix-socket rows need no congestion control."
+	}
+	return ""
+}
+
+// ccNote explains the congestion-control rows.
+func ccNote() string {
+	var labels []string
+	for _, t := range transports {
+		labels = append(labels, t.label)
+	}
+	s := fmt.Sprintf("Transports: %s. ", strings.Join(labels, "; "))
+	if inNetns {
+		s += "The run happens in a private network namespace (the host's settings are untouched); before each TCP server starts, the namespace's default congestion control (`net.ipv4.tcp_congestion_control`) is set, " +
+			"so the server's and fio's sockets both use it, and sparsedisk runs with `--tcp-congestion=system` so it keeps that default like every peer (by default it switches its loopback connections to cubic)."
+	} else {
+		s += "The harness could not use a private network namespace (not root), so only the host's default congestion control was measured; sparsedisk ran with `--tcp-congestion=system` like the peers."
+	}
+	return s
+}
+
+// renderCosts is the per-request cost section.
+func renderCosts(res *results) string {
+	if len(res.costs) == 0 {
+		return ""
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "### Per-request cost\n\n%d 4 KiB requests at queue depth 16 over %s into a written region, per server. System calls of the server process "+
+		"(all threads) counted by `strace -c -f -p PID` attached for the run (strace slows the server several-fold, so batching may differ from an unobserved run); "+
+		"heap allocations of sparsedisk from `runtime.MemStats` (`/debug/vars`, `SPARSEDISK_DEBUG_ADDR`) before and after a separate run without strace.\n\n", cfg.costRequests, transports[0].label)
+	fmt.Fprintf(&b, "| server | job | syscalls / request | by call (≥ 0.05 / request) | allocations / request | bytes allocated / request | GCs |\n|---|---|---:|---|---:|---:|---:|\n")
+	for _, c := range res.costs {
+		a, by, gcs := "—", "—", "—"
+		if c.Allocs != nil {
+			a, by, gcs = fmt.Sprintf("%.2f", *c.Allocs), fmt.Sprintf("%.0f", *c.Bytes), fmt.Sprint(*c.GCs)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %.2f | %s | %s | %s | %s |\n", c.Target, c.Job, c.Syscalls, topSyscalls(c), a, by, gcs)
+	}
+	fmt.Fprintf(&b, "\n")
+	return b.String()
 }

@@ -14,10 +14,14 @@ const exportName = "disk"
 // nbdServer is a running NBD server and how fio and nbdcopy reach it.
 type nbdServer struct {
 	svc  *service
-	port int
+	port int    // TCP
+	sock string // Unix socket
 }
 
 func (s *nbdServer) uri() string {
+	if s.sock != "" {
+		return fmt.Sprintf("nbd+unix:///%s?socket=%s", exportName, s.sock)
+	}
 	return fmt.Sprintf("nbd://127.0.0.1:%d/%s", s.port, exportName)
 }
 
@@ -25,6 +29,8 @@ func (s *nbdServer) uri() string {
 // and returns the path to serve.
 func createImage(ctx context.Context, target, base, size string) (string, error) {
 	switch target {
+	case tKitMem:
+		return "", nil // RAM only
 	case tSD:
 		p := base + ".img"
 		_, err := run(ctx, binPath, "create", p, "size="+size, "split=1G", "sectorsize=4096")
@@ -42,29 +48,66 @@ func createImage(ctx context.Context, target, base, size string) (string, error)
 
 // removeImage deletes an image and, for sparsedisk, its segments and LUT.
 func removeImage(p string) {
+	if p == "" {
+		return
+	}
 	matches, _ := filepath.Glob(p + ".*")
 	for _, m := range append(matches, p) {
 		os.Remove(m)
 	}
 }
 
-// serveNBD starts target's NBD server for image on a free loopback port.
-func serveNBD(target, image string) (*nbdServer, error) {
-	port, err := freePort()
-	if err != nil {
-		return nil, err
+// serveNBD starts target's NBD server for image over tr: TCP on a free
+// loopback port (after setting tr's congestion control as the namespace
+// default, so the server's and fio's sockets get it), or a Unix socket in
+// dir. sparsedisk keeps that default (--tcp-congestion=system) like the
+// peers do.
+func serveNBD(target, image string, tr transport, dir string) (*nbdServer, error) {
+	srv := &nbdServer{}
+	var listen []string // per server: where to listen
+	if tr.kind == transportUDS {
+		srv.sock = filepath.Join(dir, "nbd.sock")
+		os.Remove(srv.sock)
+	} else {
+		if err := setCC(tr.cc); err != nil {
+			return nil, err
+		}
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		srv.port = port
 	}
-	ps := strconv.Itoa(port)
+	ps := strconv.Itoa(srv.port)
+	switch target {
+	case tSD:
+		listen = []string{"--listen", "127.0.0.1:" + ps}
+		if srv.sock != "" {
+			listen = []string{"--socket", srv.sock}
+		}
+	case tQcow, tQraw:
+		listen = []string{"-b", "127.0.0.1", "-p", ps}
+		if srv.sock != "" {
+			listen = []string{"-k", srv.sock}
+		}
+	case tKit, tKitMem:
+		listen = []string{"-i", "127.0.0.1", "-p", ps}
+		if srv.sock != "" {
+			listen = []string{"-U", srv.sock}
+		}
+	}
 	var args []string
 	switch target {
 	case tSD:
-		args = []string{binPath, "serve", "--listen", "127.0.0.1:" + ps, image + ":" + exportName}
+		args = append(append([]string{binPath, "serve", "--tcp-congestion=system"}, listen...), image+":"+exportName)
 	case tQcow:
-		args = []string{"qemu-nbd", "-f", "qcow2", "--cache=writeback", "--shared=8", "-t", "-b", "127.0.0.1", "-p", ps, "-x", exportName, image}
+		args = append(append([]string{"qemu-nbd", "-f", "qcow2", "--cache=writeback", "--shared=8", "-t"}, listen...), "-x", exportName, image)
 	case tQraw:
-		args = []string{"qemu-nbd", "-f", "raw", "--cache=writeback", "--shared=8", "-t", "-b", "127.0.0.1", "-p", ps, "-x", exportName, image}
+		args = append(append([]string{"qemu-nbd", "-f", "raw", "--cache=writeback", "--shared=8", "-t"}, listen...), "-x", exportName, image)
 	case tKit:
-		args = []string{"nbdkit", "-f", "-i", "127.0.0.1", "-p", ps, "-e", exportName, "file", image}
+		args = append(append([]string{"nbdkit", "-f"}, listen...), "-e", exportName, "file", image)
+	case tKitMem:
+		args = append(append([]string{"nbdkit", "-f"}, listen...), "-e", exportName, "memory", "size="+cfg.imageSize)
 	default:
 		return nil, fmt.Errorf("%s is not an NBD server", target)
 	}
@@ -72,10 +115,11 @@ func serveNBD(target, image string) (*nbdServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := waitTCP(svc, port); err != nil {
-		return nil, err
+	srv.svc = svc
+	if srv.sock != "" {
+		return srv, waitUnix(svc, srv.sock)
 	}
-	return &nbdServer{svc: svc, port: port}, nil
+	return srv, waitTCP(svc, srv.port)
 }
 
 // fuseFile is a disk exposed as a file through FUSE.

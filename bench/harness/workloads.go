@@ -16,10 +16,15 @@ import (
 // the target order rotated each repetition, so slow phases of a shared
 // machine hit every target alike.
 
-func rotate(ts []string, rep int) []string {
+func rotate[T any](ts []T, rep int) []T {
 	out := slices.Clone(ts)
 	if len(out) > 0 {
-		k := rep % len(out)
+		// Spread the starting points over the list, so with few
+		// repetitions and many targets each target still moves.
+		k := (rep * len(out) / max(cfg.reps, 1)) % len(out)
+		if k == 0 && rep > 0 {
+			k = rep % len(out)
+		}
 		out = append(out[k:], out[:k]...)
 	}
 	return out
@@ -29,23 +34,25 @@ func progress(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "harness:   "+format+"\n", args...)
 }
 
-// nbdJobs are workloads 1-3: sequential 1 MiB writes into an empty image
-// and reads back, then 4 KiB random writes and reads at queue depth 16
-// over the same region.
-func nbdJobs() (seq, rnd []fioJob) {
-	seq = []fioJob{
+// nbdJobs are the NBD workloads, in the order of nbdWorkloads:
+// sequential 1 MiB writes into an empty image and reads back, then 4 KiB
+// random writes and reads at queue depth 16 over the same region, on one
+// connection and on four (fio numjobs=4: each job opens its own).
+func nbdJobs() []fioJob {
+	rw := fioJob{name: "randwrite", rw: "randwrite", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD, endFsync: true}
+	rr := fioJob{name: "randread", rw: "randread", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD}
+	rw4, rr4 := rw, rr
+	rw4.name, rw4.numjobs = "randwrite4", 4
+	rr4.name, rr4.numjobs = "randread4", 4
+	return []fioJob{
 		{name: "seqwrite", rw: "write", bs: "1M", iodepth: 1, engine: "psync", size: cfg.seqSize, endFsync: true},
 		{name: "seqread", rw: "read", bs: "1M", iodepth: 1, engine: "psync", size: cfg.seqSize},
+		rw, rr, rw4, rr4,
 	}
-	rnd = []fioJob{
-		{name: "randwrite", rw: "randwrite", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD, endFsync: true},
-		{name: "randread", rw: "randread", bs: "4k", iodepth: 16, engine: "io_uring", size: cfg.seqSize, runtime: cfg.randNBD},
-	}
-	return seq, rnd
 }
 
 // nbdTarget is where fio's I/O goes for an NBD row: the nbd engine to a
-// server, or (the ceiling) the raw file with the job's own engine.
+// server, or the local file itself with the job's own engine.
 func nbdTarget(j fioJob, srv *nbdServer, file string) []string {
 	if srv != nil {
 		return []string{"--ioengine=nbd", "--uri=" + srv.uri()}
@@ -53,53 +60,83 @@ func nbdTarget(j fioJob, srv *nbdServer, file string) []string {
 	return []string{"--ioengine=" + j.engine, "--filename=" + file}
 }
 
+// nbdVariant is one server over one transport (tr nil: the local file).
+type nbdVariant struct {
+	target string
+	tr     *transport
+}
+
+func (v nbdVariant) String() string {
+	if v.tr == nil {
+		return v.target
+	}
+	return v.target + " / " + v.tr.key
+}
+
+func nbdVariants() []nbdVariant {
+	var vs []nbdVariant
+	for k := range transports {
+		for _, t := range nbdTargets {
+			vs = append(vs, nbdVariant{t, &transports[k]})
+		}
+	}
+	return append(vs, nbdVariant{tLocal, nil})
+}
+
+// benchNBD runs every NBD workload on every server and transport, and on
+// the local file. Each repetition visits the variants in a rotated order;
+// each variant gets a fresh empty image, the same settle step, and runs
+// the jobs in order (the writes fill what the reads read).
 func benchNBD(ctx context.Context, res *results) error {
-	seq, rnd := nbdJobs()
-	jobs := append(seq, rnd...)
-	rows := []string{"nbd-seqwrite", "nbd-seqread", "nbd-randwrite", "nbd-randread"}
+	jobs := nbdJobs()
+	ws := nbdWorkloads()
 	dir := filepath.Join(workDir, "nbd")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
 	var errs []string
 	for rep := 0; rep < cfg.reps; rep++ {
-		for _, t := range rotate(rowByID("nbd-seqwrite").targets, rep) {
+		for _, v := range rotate(nbdVariants(), rep) {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
 			err := func() error {
 				defer teardown()
-				img, err := createImage(ctx, t, filepath.Join(dir, imgName(rep, t)), cfg.imageSize)
+				settle(ctx)
+				img, err := createImage(ctx, v.target, filepath.Join(dir, imgName(rep, v.target)), cfg.imageSize)
 				if err != nil {
 					return err
 				}
 				// Servers close their images (sparsedisk rewrites its
 				// descriptor) when stopped: stop them before deleting.
 				defer func() { teardown(); removeImage(img) }()
-				settle(ctx)
 				var srv *nbdServer
-				if t != tLocal {
-					if srv, err = serveNBD(t, img); err != nil {
+				key := "local"
+				if v.tr != nil {
+					key = v.tr.key
+					if srv, err = serveNBD(v.target, img, *v.tr, dir); err != nil {
 						return err
 					}
 				}
+				prefault()
 				for i, j := range jobs {
 					r, err := runFio(ctx, j, nbdTarget(j, srv, img)...)
 					if err != nil {
 						return err
 					}
-					v := r.MiBps
-					if rowByID(rows[i]).unit == unitIOPS {
-						v = r.IOPS
+					row := rowByID(nbdRowID(ws[i].key, key))
+					val := r.MiBps
+					if row.unit == unitIOPS {
+						val = r.IOPS
 					}
-					res.add(rows[i], t, v)
-					progress("rep %d %-16s %-14s %10.1f %s", rep+1, t, j.name, v, rowByID(rows[i]).unit)
+					res.add(row.id, v.target, val)
+					progress("rep %d %-28s %-11s %10.1f %s", rep+1, v, j.name, val, row.unit)
 				}
 				return nil
 			}()
 			if err != nil {
-				errs = append(errs, fmt.Sprintf("%s: %v", t, err))
-				warnf("nbd %s: %v", t, err)
+				errs = append(errs, fmt.Sprintf("%s: %v", v, err))
+				warnf("nbd %s: %v", v, err)
 			}
 		}
 	}
@@ -137,7 +174,8 @@ func seed(s string) [32]byte {
 
 // benchCopy is workload 4: nbdcopy of a 20 GiB disk holding 200 MiB of
 // data (1 MiB extents spread evenly) to null:, so the time is how well
-// each server reports and skips holes.
+// each server reports and skips holes. It runs over TCP under the host's
+// default congestion control (the first transport).
 func benchCopy(ctx context.Context, res *results) error {
 	dir := filepath.Join(workDir, "copy")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -177,7 +215,7 @@ func benchCopy(ctx context.Context, res *results) error {
 	}
 	err = func() error {
 		defer teardown()
-		srv, err := serveNBD(tSD, images[tSD])
+		srv, err := serveNBD(tSD, images[tSD], transports[0], dir)
 		if err != nil {
 			return err
 		}
@@ -195,7 +233,7 @@ func benchCopy(ctx context.Context, res *results) error {
 				defer teardown()
 				from := images[t]
 				if t != tLocal {
-					srv, err := serveNBD(t, images[t])
+					srv, err := serveNBD(t, images[t], transports[0], dir)
 					if err != nil {
 						return err
 					}
@@ -307,7 +345,9 @@ func benchSpace(ctx context.Context, res *results) error {
 }
 
 // fuseJobs is workload 6: through the file in a FUSE mount, O_DIRECT so
-// the host page cache above FUSE is not what is measured.
+// the host page cache above FUSE is not what is measured (every request
+// reaches the FUSE server). The local file runs the same jobs buffered
+// (see benchFUSE).
 func fuseJobs() []fioJob {
 	var js []fioJob
 	for _, e := range []struct {
@@ -359,8 +399,18 @@ func benchFUSE(ctx context.Context, res *results) error {
 					}
 					file = ff.path
 				}
+				prefault()
 				for _, j := range jobs {
-					r, err := runFio(ctx, j, "--ioengine="+j.engine, "--filename="+file)
+					jj := j
+					if t == tLocal {
+						// O_DIRECT on the local file would measure the disk,
+						// while the engines behind FUSE read and write the
+						// page cache: the local file is run buffered, with
+						// the same warm cache (an upper bound for reads;
+						// for writes see the local-file note).
+						jj.direct = false
+					}
+					r, err := runFio(ctx, jj, "--ioengine="+j.engine, "--filename="+file)
 					if err != nil {
 						return err
 					}
@@ -387,9 +437,6 @@ func benchFUSE(ctx context.Context, res *results) error {
 // holding random data (at random places) converted to a sparse sparsedisk
 // image and to qcow2.
 func benchConvert(ctx context.Context, res *results) error {
-	if out, _ := run(ctx, binPath, "--help"); !strings.Contains(string(out), "convert") {
-		return fmt.Errorf("this sparsedisk has no convert command yet")
-	}
 	dir := filepath.Join(workDir, "convert")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -423,6 +470,13 @@ func benchConvert(ctx context.Context, res *results) error {
 				n, err := onDisk(imageFiles(dst)...)
 				if err != nil {
 					return err
+				}
+				if t == tSDConv && rep == 0 {
+					// Once per run, untimed: the image converts back to
+					// the identical raw file.
+					if err := roundTrip(ctx, src, dst); err != nil {
+						return err
+					}
 				}
 				res.add("convert-time", t, d.Seconds())
 				res.add("convert-size", t, float64(n)/(1<<20))
@@ -470,6 +524,21 @@ func makeConvertSource(src string) error {
 		return err
 	}
 	return f.Close()
+}
+
+// roundTrip converts the sparsedisk image img back to raw and compares it
+// with the source byte for byte, and runs `sparsedisk check` on it.
+func roundTrip(ctx context.Context, src, img string) error {
+	back := img + ".back.raw"
+	defer os.Remove(back)
+	if _, err := run(ctx, binPath, "convert", "-q", img, back, "layout=raw"); err != nil {
+		return err
+	}
+	if _, err := run(ctx, "cmp", src, back); err != nil {
+		return fmt.Errorf("raw → sparsedisk → raw is not byte-identical: %w", err)
+	}
+	_, err := run(ctx, binPath, "check", img)
+	return err
 }
 
 // convertArgs is the command line of converter t.

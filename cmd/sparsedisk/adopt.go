@@ -3,7 +3,8 @@ package main
 import (
 	"fmt"
 
-	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -34,17 +35,17 @@ func adoptAction(c *cli.Context) error {
 	if p.Size == 0 || p.Split == 0 || p.SectorSize == 0 {
 		return fmt.Errorf("adopt %s: give size=, split= and sectorsize= exactly as xhyve was given them", pos[0])
 	}
-	if err := blockif.Adopt(pos[0], p, nil); err != nil {
+	if err := offline.Adopt(pos[0], p, nil); err != nil {
 		return fmt.Errorf("adopt %s: %w", pos[0], err)
 	}
 	fmt.Fprintf(c.App.Writer, "adopted %s: layout %s, size %s, split %s, sector size %d\n",
-		pos[0], layoutOr(p.Layout), blockif.HumanSize(p.Size), blockif.HumanSize(p.Split), p.SectorSize)
+		pos[0], layoutOr(p.Layout), format.HumanSize(p.Size), format.HumanSize(p.Split), p.SectorSize)
 	return nil
 }
 
-func layoutOr(l blockif.Layout) blockif.Layout {
+func layoutOr(l format.Layout) format.Layout {
 	if l == "" {
-		return blockif.LayoutSparse
+		return format.LayoutSparse
 	}
 	return l
 }

@@ -9,10 +9,13 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
-	"github.com/pojntfx/go-nbd/pkg/client"
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/nbd"
 	"github.com/urfave/cli/v2"
@@ -27,10 +30,16 @@ func init() {
 			"to the device, which then behaves like a disk (partition it, mkfs, mount). Runs in\n" +
 			"the foreground until `sparsedisk detach /dev/nbdX`, SIGINT or SIGTERM; the image is\n" +
 			"then flushed and closed clean. Needs root and the nbd kernel module (modprobe nbd).\n\n" +
+			"The device's logical block size is the image's sector size (at most 4096) unless\n" +
+			"--block-size says otherwise; the export serves any alignment, so a 512-byte device\n" +
+			"on a 4 KiB-sector image works (partial sectors are read-modify-written). The device\n" +
+			"supports discard (fstrim), flush and FUA.\n\n" +
 			"Example:\n   sparsedisk attach disk.img /dev/nbd0 &\n   mkfs.ext4 /dev/nbd0\n   sparsedisk detach /dev/nbd0",
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "attach read-only"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it completes (slow)"},
+			&cli.UintFlag{Name: "block-size", Usage: "logical block size `N` of the device (512, 1024, 2048 or 4096; default: the image's sector size, at most 4096)"},
+			&cli.UintFlag{Name: "min-block", Value: 1, Usage: "minimum block size `N` the export enforces (1 = any; the device's block size is raised to it)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every failed request"},
 		},
 		Action: attachAction,
@@ -65,32 +74,103 @@ func openNBDDevice(dev string) (*os.File, error) {
 	return f, nil
 }
 
-// socketPair returns the two ends of a connected Unix stream socket pair.
-func socketPair() (*net.UnixConn, *net.UnixConn, error) {
+// Ioctls of the Linux kernel's NBD driver (include/uapi/linux/nbd.h):
+// _IO(0xab, n).
+const (
+	nbdSetSock      = 0xab00
+	nbdSetBlksize   = 0xab01
+	nbdDoIt         = 0xab03
+	nbdClearSock    = 0xab04
+	nbdSetSizeBlock = 0xab07
+	nbdDisconnect   = 0xab08
+	nbdSetFlags     = 0xab0a
+)
+
+// Block sizes the kernel's NBD driver accepts: a power of two from 512 to
+// the page size.
+const (
+	kernelMinBlock = 512
+	kernelMaxBlock = 4096
+)
+
+func nbdIoctl(f *os.File, req, arg uintptr) error {
+	if _, _, e := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), req, arg); e != 0 {
+		return e
+	}
+	return nil
+}
+
+// socketPair returns the two ends of a connected Unix stream socket pair:
+// the server's as a net.Conn, the kernel's as a blocking *os.File.
+func socketPair() (net.Conn, *os.File, error) {
 	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, err
 	}
-	conns := make([]*net.UnixConn, 2)
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "socketpair")
-		c, err := net.FileConn(f)
-		f.Close()
-		if err != nil {
-			if i == 1 {
-				conns[0].Close()
-			}
-			return nil, nil, err
-		}
-		conns[i] = c.(*net.UnixConn)
+	sf := os.NewFile(uintptr(fds[0]), "nbd-server")
+	srv, err := net.FileConn(sf)
+	sf.Close()
+	if err != nil {
+		syscall.Close(fds[1])
+		return nil, nil, err
 	}
-	return conns[0], conns[1], nil
+	return srv, os.NewFile(uintptr(fds[1]), "nbd-kernel"), nil
 }
 
-// kernelBlockSize is the block size asked of the kernel: the image's sector
-// size within what the kernel client accepts.
-func kernelBlockSize(sector int64) uint32 {
-	return uint32(min(max(sector, client.MinimumBlockSize), client.MaximumBlockSize))
+// kernelBlockSize is the logical block size asked of the kernel: want if
+// given (0 = the export's preferred block size, normally the image's
+// sector size, within what the kernel accepts). It is never below the
+// export's minimum block size, so the kernel sends no request the export
+// refuses; an export whose minimum the kernel cannot honour is an error.
+func kernelBlockSize(want uint32, info nbd.ExportInfo) (uint32, error) {
+	if info.MinBlock > kernelMaxBlock {
+		return 0, fmt.Errorf("the export's minimum block size %d is above the %d bytes the kernel NBD driver supports", info.MinBlock, kernelMaxBlock)
+	}
+	if want == 0 {
+		pref := max(info.PrefBlock, info.MinBlock, kernelMinBlock)
+		return min(pref, kernelMaxBlock), nil
+	}
+	if want < kernelMinBlock || want > kernelMaxBlock || want&(want-1) != 0 {
+		return 0, fmt.Errorf("--block-size %d: want a power of two from %d to %d", want, kernelMinBlock, kernelMaxBlock)
+	}
+	if want < info.MinBlock {
+		return 0, fmt.Errorf("--block-size %d is below the export's minimum block size %d (--min-block)", want, info.MinBlock)
+	}
+	return want, nil
+}
+
+// waitAttached polls the device's size in sysfs until the kernel shows it
+// (the device is usable from then on).
+func waitAttached(dev string, done <-chan struct{}) bool {
+	p := filepath.Join("/sys/block", filepath.Base(dev), "size")
+	for {
+		if b, err := os.ReadFile(p); err == nil {
+			if n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && n > 0 {
+				return true
+			}
+		}
+		select {
+		case <-done:
+			return false
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// runDoIt hands the socket to the kernel with NBD_DO_IT, which returns when
+// the device is disconnected. It runs on a thread of its own with every
+// signal blocked: a signal delivered to the thread waiting in NBD_DO_IT
+// interrupts the wait, and the kernel then tears the device down at once,
+// in-flight requests failed. Signals go to the other threads instead
+// (SIGTERM and SIGINT disconnect cleanly through NBD_DISCONNECT). The
+// thread is not unlocked: it ends with the goroutine.
+func runDoIt(devf *os.File) error {
+	runtime.LockOSThread()
+	all := ^uint64(0)
+	if _, _, e := syscall.RawSyscall6(syscall.SYS_RT_SIGPROCMASK, 0 /* SIG_BLOCK */, uintptr(unsafe.Pointer(&all)), 0, 8, 0, 0); e != 0 {
+		return fmt.Errorf("block signals: %w", e)
+	}
+	return nbdIoctl(devf, nbdDoIt, 0)
 }
 
 func attachAction(c *cli.Context) error {
@@ -103,6 +183,10 @@ func attachAction(c *cli.Context) error {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, &slog.HandlerOptions{Level: level}))
+	minBlock, err := minBlockFlag(c)
+	if err != nil {
+		return err
+	}
 
 	devf, err := openNBDDevice(dev)
 	if err != nil {
@@ -115,7 +199,7 @@ func attachAction(c *cli.Context) error {
 		return fmt.Errorf("open %s: %w", image, err)
 	}
 	name := filepath.Base(image)
-	srv, err := nbd.NewServer(nbd.Config{Logger: log, AcceptUnframedGo: true}, nbd.Export{Name: name, Backend: d})
+	srv, err := nbd.NewServer(nbd.Config{Logger: log, MinBlock: minBlock}, nbd.Export{Name: name, Backend: d})
 	if err != nil {
 		d.Close()
 		return err
@@ -127,6 +211,43 @@ func attachAction(c *cli.Context) error {
 	}
 	defer kernelSide.Close()
 	srv.ServeConn(srvSide)
+	shutdown := func() error {
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if serr := srv.Shutdown(sctx); serr != nil {
+			log.Error("shutdown", "err", serr)
+		}
+		return d.Close()
+	}
+
+	// Negotiate here, then give the kernel the socket in transmission
+	// phase with the export's size, block size and flags (TRIM, FLUSH,
+	// FUA, read-only).
+	info, err := nbd.ClientGo(kernelSide, name)
+	if err == nil {
+		var bs uint32
+		if bs, err = kernelBlockSize(uint32(c.Uint("block-size")), info); err == nil {
+			if info.Size%uint64(bs) != 0 {
+				log.Warn("image size is not a multiple of the block size; the device omits the tail", "size", info.Size, "block_size", bs)
+			}
+			err = errors.Join(
+				nbdIoctl(devf, nbdSetBlksize, uintptr(bs)),
+				nbdIoctl(devf, nbdSetSizeBlock, uintptr(info.Size/uint64(bs))),
+				nbdIoctl(devf, nbdSetFlags, uintptr(info.Flags)),
+			)
+			if err == nil {
+				err = nbdIoctl(devf, nbdSetSock, kernelSide.Fd())
+			}
+			if err != nil {
+				err = fmt.Errorf("configure %s (in use by another client?): %w", dev, err)
+			}
+		}
+	}
+	if err != nil {
+		_ = nbdIoctl(devf, nbdClearSock, 0)
+		kernelSide.Close()
+		return errors.Join(fmt.Errorf("attach %s to %s: %w", image, dev, err), shutdown())
+	}
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -134,27 +255,26 @@ func attachAction(c *cli.Context) error {
 	go func() {
 		for s := range sigs {
 			log.Info("signal: detaching", "signal", s.String(), "device", dev)
-			if err := client.Disconnect(devf); err != nil {
+			if err := nbdIoctl(devf, nbdDisconnect, 0); err != nil {
 				log.Error("detach", "err", err)
 			}
 		}
 	}()
-	err = client.Connect(kernelSide, devf, &client.Options{
-		ExportName: name,
-		BlockSize:  kernelBlockSize(d.SectorSize()),
-		OnConnected: func() {
+	doIt := make(chan error, 1)
+	go func() { doIt <- runDoIt(devf) }()
+	ended := make(chan struct{})
+	go func() {
+		if waitAttached(dev, ended) {
 			fmt.Fprintf(c.App.Writer, "attached %s to %s\n", image, dev)
-		},
-	})
+		}
+	}()
+	err = <-doIt
+	close(ended)
+	_ = nbdIoctl(devf, nbdClearSock, 0)
 	if err != nil {
 		log.Error("kernel client ended", "err", err)
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if serr := srv.Shutdown(sctx); serr != nil {
-		log.Error("shutdown", "err", serr)
-	}
-	if cerr := d.Close(); cerr != nil {
+	if cerr := shutdown(); cerr != nil {
 		return cerr
 	}
 	log.Info("detached; image closed clean", "image", image, "device", dev)
@@ -174,9 +294,18 @@ func detachAction(c *cli.Context) error {
 		return err
 	}
 	defer f.Close()
-	if err := client.Disconnect(f); err != nil {
+	// Write back what the page cache holds for the device (a user who
+	// wrote with dd and no sync) before the disconnect ends the session.
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("detach %s: flush: %w", dev, err)
+	}
+	// As nbd-client -d does: NBD_CMD_DISC to the server, then release the
+	// socket. The attach process flushes and closes its image once the
+	// kernel lets go.
+	if err := nbdIoctl(f, nbdDisconnect, 0); err != nil {
 		return fmt.Errorf("detach %s: %w", dev, err)
 	}
+	_ = nbdIoctl(f, nbdClearSock, 0)
 	fmt.Fprintf(c.App.Writer, "detached %s\n", dev)
 	return nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +11,8 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 )
@@ -26,19 +29,37 @@ func init() {
 	register(&cli.Command{
 		Name:      "check",
 		Usage:     "check an image for corruption and leaks, optionally repair it",
-		ArgsUsage: "IMAGE [-r leaks|all] [--output=human|json]",
+		ArgsUsage: "IMAGE [-r leaks|all [--accept-loss]] [--undo] [-U] [--output=human|json]",
 		Description: "Walks the descriptor, the LUT and every segment file. Findings are leaks (slots\n" +
 			"no LUT entry references: wasted space only) and corruption (entries past a segment's\n" +
 			"end, two entries sharing a slot, a LUT of the wrong length, missing or extra segment\n" +
-			"files, an unfinished offline operation). Without -r nothing is written.\n\n" +
+			"files, an unfinished offline operation). Advice findings are neither: a segment file\n" +
+			"whose apparent size is far beyond its live data (bloat, or slot numbers running out)\n" +
+			"and heavy fragmentation; each names the command that fixes it (`sparsedisk shrink\n" +
+			"IMAGE`). Without -r nothing is written.\n\n" +
+			"First of all the descriptor is cross-examined against the files (segment count and\n" +
+			"sizes against split, LUT length against size/sectorsize, a LUT against the layout,\n" +
+			"every LUT entry against its segment's length). If they disagree, that is the one\n" +
+			"finding, with the values the files imply and the edit or `adopt` that fixes it; -r\n" +
+			"then refuses to act on a geometry it cannot trust and changes nothing.\n\n" +
 			"-r leaks punches leaked slots. -r all also repairs corruption with the least data\n" +
-			"loss possible and lists every change, naming the sectors whose content changed.\n\n" +
-			"Exit status (as qemu-img check): 0 clean, 1 could not check, 2 corruption, 3 leaks\n" +
-			"only; after -r, the status describes the repaired image.\n\n" +
+			"loss possible and lists every change, naming the sectors whose content changed; it\n" +
+			"marks a dirty image clean. A repair that would drop data the files hold (a missing\n" +
+			"or shortened segment, a damaged LUT) needs --accept-loss. Everything a repair\n" +
+			"removes, unmaps, cuts or renames is saved first in IMAGE.undo.N: --undo puts the\n" +
+			"image back exactly as it was before the latest repair.\n\n" +
+			"-U (--force-share) checks an image a server or mount holds open for writing, without\n" +
+			"its lock: read-only, never a repair, and the result may be inconsistent.\n\n" +
+			"Exit status (as qemu-img check): 0 clean (advice findings included), 1 could not\n" +
+			"check, 2 corruption, 3 leaks only; after -r, the status describes the repaired image.\n\n" +
 			"Examples:\n   sparsedisk check disk.img            # report only\n   sparsedisk check disk.img -r leaks   # reclaim leaked slots after a crash\n" +
-			"   sparsedisk check disk.img -r all --output=json",
+			"   sparsedisk check disk.img -r all --output=json\n" +
+			"   sparsedisk check --undo disk.img     # revert the latest repair",
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "repair", Aliases: []string{"r"}, Usage: "repair: leaks or all"},
+			&cli.BoolFlag{Name: "accept-loss", Usage: "with -r all: repair damaged files even though sectors they held are lost (saved for --undo)"},
+			&cli.BoolFlag{Name: "undo", Usage: "revert the latest repair from IMAGE.undo.N"},
+			forceShareFlag(),
 			outputFlag(),
 			quietFlag(),
 		},
@@ -54,37 +75,63 @@ func quietFlag() cli.Flag {
 type checkJSON struct {
 	Image    string                `json:"image"`
 	Check    *blockif.Report       `json:"check"`
-	Repair   *blockif.RepairReport `json:"repair,omitempty"`
+	Repair   *offline.RepairReport `json:"repair,omitempty"`
 	After    *blockif.Report       `json:"after_repair,omitempty"`
 	ExitCode int                   `json:"exit_code"`
 }
 
 func checkAction(c *cli.Context) error {
-	pos, fl, err := splitArgs(c, []string{"repair", "output"}, []string{"quiet"})
+	pos, fl, err := splitArgs(c, []string{"repair", "output"}, []string{"quiet", "accept-loss", "undo", "force-share"})
 	if err != nil {
 		return cli.Exit(err.Error(), exitCannot)
 	}
 	if len(pos) != 1 {
-		return cli.Exit("check takes one image path", exitCannot)
+		return cli.Exit(fmt.Sprintf("check takes one image path, got %d (%q)", len(pos), pos), exitCannot)
 	}
 	path := pos[0]
 	output := fl.str("output", "human")
 	if output != "human" && output != "json" {
 		return cli.Exit(fmt.Sprintf("--output=%s: want human or json", output), exitCannot)
 	}
-	mode := blockif.RepairMode(fl.str("repair", ""))
-	if mode != "" && mode != blockif.RepairLeaks && mode != blockif.RepairAll {
+	mode := offline.RepairMode(fl.str("repair", ""))
+	if mode != "" && mode != offline.RepairLeaks && mode != offline.RepairAll {
 		return cli.Exit(fmt.Sprintf("-r %s: want leaks or all", mode), exitCannot)
 	}
 	quiet := fl.on("quiet")
 	w := c.App.Writer
+	forceShare := fl.on("force-share")
+	switch {
+	case forceShare && (mode != "" || fl.on("undo")):
+		return cli.Exit("-U (--force-share) is a read-only view of an image in use: it never repairs; stop the server first to use -r or --undo", exitCannot)
+	case fl.on("undo") && mode != "":
+		return cli.Exit("--undo and -r do not go together: --undo reverts the latest repair", exitCannot)
+	case fl.on("accept-loss") && mode != offline.RepairAll:
+		return cli.Exit("--accept-loss goes with -r all", exitCannot)
+	}
+	if fl.on("undo") {
+		u, err := offline.Undo(path, nil)
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("undo %s: %v", path, cleanErr(err)), exitCannot)
+		}
+		if !quiet {
+			fmt.Fprintf(w, "%s: reverted the latest repair from %s: the descriptor and %d other change(s)\n", path, u.Log, u.Changes-1)
+		}
+		return nil
+	}
+	if forceShare {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", forceShareWarning(path))
+	}
 	progress, done := progressFor(c, !quiet && output == "human", "check")
-	r, err := blockif.CheckImage(path, &blockif.Options{Progress: progress})
+	r, err := blockif.Check(path, &blockif.Options{Progress: progress, ForceShare: forceShare})
 	done()
 	if err != nil {
-		return cli.Exit(fmt.Sprintf("could not check %s: %v", path, err), exitCannot)
+		return cli.Exit(fmt.Sprintf("could not check %s: %v", path, cleanErr(err)), exitCannot)
 	}
 	doc := checkJSON{Image: path, Check: r}
+	dirty := false
+	if desc, err := format.ReadDescriptor(nil, path); err == nil {
+		dirty = desc.State == format.StateDirty
+	}
 	final := r
 	if r.Layout == "" && !r.Clean() && mode != "" {
 		// The descriptor does not parse: without the geometry nothing
@@ -94,14 +141,20 @@ func checkAction(c *cli.Context) error {
 		}
 		return cli.Exit(fmt.Sprintf("%s: cannot repair: %s", path, badDescriptorHint(path)), exitCorruption)
 	}
-	if mode != "" && !r.Clean() {
-		rep, err := blockif.Repair(path, mode, nil)
+	if mode != "" && (!r.Clean() || dirty) {
+		rep, err := offline.RepairWith(path, mode, offline.RepairOptions{AcceptLoss: fl.on("accept-loss"), Consistent: r.Corruptions == 0}, nil)
+		if errors.Is(err, offline.ErrGeometry) {
+			if !quiet && output == "human" {
+				printCheck(w, r)
+			}
+			return cli.Exit(fmt.Sprintf("%s: repair refused, nothing changed: %s", path, refusal(err, r)), exitCorruption)
+		}
 		if err != nil {
-			return cli.Exit(fmt.Sprintf("repair %s: %v", path, err), exitCannot)
+			return cli.Exit(fmt.Sprintf("repair %s: %v", path, cleanErr(err)), exitCannot)
 		}
 		doc.Repair = rep
 		progress, done := progressFor(c, !quiet && output == "human", "check after repair")
-		doc.After, err = blockif.CheckImage(path, &blockif.Options{Progress: progress})
+		doc.After, err = blockif.Check(path, &blockif.Options{Progress: progress})
 		done()
 		if err != nil {
 			return cli.Exit(fmt.Sprintf("could not check %s after repair: %v", path, err), exitCannot)
@@ -124,7 +177,7 @@ func checkAction(c *cli.Context) error {
 			}
 		}
 		if doc.Repair != nil && doc.Repair.Actions == nil {
-			doc.Repair.Actions = []blockif.RepairAction{}
+			doc.Repair.Actions = []offline.RepairAction{}
 		}
 		e := json.NewEncoder(w)
 		e.SetIndent("", "  ")
@@ -135,8 +188,9 @@ func checkAction(c *cli.Context) error {
 		printCheck(w, r)
 		if doc.Repair != nil {
 			fmt.Fprintf(w, "repair (%s): %d change(s), %d sector(s) lost\n", mode, len(doc.Repair.Actions), doc.Repair.LostSectors)
-			for _, a := range doc.Repair.Actions {
-				fmt.Fprintf(w, "  %s\n", a)
+			printActions(w, doc.Repair.Actions)
+			if doc.Repair.Undo != "" {
+				fmt.Fprintf(w, "what the repair changed is saved in %s: `sparsedisk check --undo %s` reverts it\n", doc.Repair.Undo, path)
 			}
 			fmt.Fprintln(w, "after repair:")
 			printCheck(w, doc.After)
@@ -144,6 +198,9 @@ func checkAction(c *cli.Context) error {
 	}
 	switch doc.ExitCode {
 	case exitCorruption:
+		if g := final.Geometry; g != nil {
+			return cli.Exit(fmt.Sprintf("%s: the descriptor disagrees with the files; %s", path, g.Fix), exitCorruption)
+		}
 		if final.Layout == "" {
 			return cli.Exit(fmt.Sprintf("%s: %d corruption(s) found; %s", path, final.Corruptions, badDescriptorHint(path)), exitCorruption)
 		}
@@ -162,6 +219,28 @@ func badDescriptorHint(path string) string {
 		"with the original values (adopt verifies them against the segments and the LUT)", path, path)
 }
 
+// refusal is the reason a repair was refused, without the error chain's
+// prefixes: the geometry finding was printed already, so only the fix.
+func refusal(err error, r *blockif.Report) string {
+	if g := r.Geometry; g != nil {
+		return "the descriptor disagrees with the files; " + g.Fix
+	}
+	return cleanErr(err).Error()
+}
+
+// printActions lists a repair's changes; long runs of the same kind of
+// change are summarised after the first few.
+func printActions(w io.Writer, acts []offline.RepairAction) {
+	const show = 20
+	for i, a := range acts {
+		if i == show && len(acts) > show+5 {
+			fmt.Fprintf(w, "  … and %d more change(s) (--output=json lists all)\n", len(acts)-show)
+			return
+		}
+		fmt.Fprintf(w, "  %s\n", a)
+	}
+}
+
 func printCheck(w io.Writer, r *blockif.Report) {
 	for _, f := range r.Findings {
 		fmt.Fprintf(w, "  %s\n", f)
@@ -172,10 +251,13 @@ func printCheck(w io.Writer, r *blockif.Report) {
 	}
 	if r.Clean() {
 		fmt.Fprintf(w, "%s: no errors found (%s layout", r.Image, r.Layout)
+		if r.Advice > 0 {
+			fmt.Fprintf(w, "; %d advice finding(s)", r.Advice)
+		}
 	} else {
 		fmt.Fprintf(w, "%s: %d corruption(s), %d leak(s) (%d slot(s)) (%s layout", r.Image, r.Corruptions, r.Leaks, r.LeakedSlots, r.Layout)
 	}
-	if r.Layout == blockif.LayoutSparse {
+	if r.Layout == format.LayoutSparse {
 		fmt.Fprintf(w, ", %d allocated sectors, %d slots, %d fragment breaks", r.AllocatedSectors, r.Slots, r.Fragments)
 	}
 	fmt.Fprintln(w, ")")
@@ -219,6 +301,16 @@ func splitArgs(c *cli.Context, valued, boolean []string) ([]string, flagVals, er
 	var pos []string
 	args := c.Args().Slice()
 	lookup := func(name string) (string, bool, bool) {
+		if c.Command != nil { // declared aliases first: -U is --force-share
+			for _, f := range c.Command.Flags {
+				names := f.Names()
+				for _, a := range names[1:] {
+					if a == name {
+						name = names[0]
+					}
+				}
+			}
+		}
 		for _, n := range valued {
 			if n == name || (len(name) == 1 && n[0] == name[0]) {
 				return n, true, true

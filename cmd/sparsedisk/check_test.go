@@ -74,9 +74,22 @@ func TestCheckExitCodes(t *testing.T) {
 	if imageDigest(t, path) != before {
 		t.Fatal("check --output=json changed the image")
 	}
-	out, _, code = sdRun(t, "check", path, "-r", "all")
-	if code != 0 || !strings.Contains(out, "LOST segment 0 sector 2:") {
-		t.Fatalf("check -r all: exit %d\n%s", code, out)
+	// The entry's data is gone: -r all refuses to drop it, changing
+	// nothing, and names --accept-loss; with it, the repair is undoable.
+	out, errs, code = sdRun(t, "check", path, "-r", "all")
+	if code != 2 || !strings.Contains(errs, "--accept-loss") || !strings.Contains(errs, "nothing changed") || imageDigest(t, path) != before {
+		t.Fatalf("check -r all of a lossy repair: exit %d, want 2, a refusal naming --accept-loss, nothing changed\n%s%s", code, out, errs)
+	}
+	out, _, code = sdRun(t, "check", path, "-r", "all", "--accept-loss")
+	if code != 0 || !strings.Contains(out, "LOST segment 0 sector 2:") || !strings.Contains(out, "check --undo") {
+		t.Fatalf("check -r all --accept-loss: exit %d\n%s", code, out)
+	}
+	repaired := imageDigest(t, path)
+	if out, errs, code := sdRun(t, "check", "--undo", path); code != 0 || imageDigest(t, path) != before {
+		t.Fatalf("check --undo: exit %d, image as before the repair: %v\n%s%s", code, imageDigest(t, path) == before, out, errs)
+	}
+	if _, _, code := sdRun(t, "check", path, "-r", "all", "--accept-loss"); code != 0 || imageDigest(t, path) != repaired {
+		t.Fatalf("repair after undo: exit %d, same result as the first: %v", code, imageDigest(t, path) == repaired)
 	}
 	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true})
 	if err != nil {

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 func TestCreateAsWritten(t *testing.T) {
@@ -23,11 +23,11 @@ func TestCreateAsWritten(t *testing.T) {
 	if !strings.Contains(out, "20 GiB") {
 		t.Errorf("output lacks a human size: %q", out)
 	}
-	desc, err := blockif.ReadDescriptor(nil, filepath.Join(dir, "disk.img"))
+	desc, err := format.ReadDescriptor(nil, filepath.Join(dir, "disk.img"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := blockif.Params{Layout: blockif.LayoutSparse, Size: 20 << 30, Split: 1 << 30, SectorSize: 4096}
+	want := format.Params{Layout: format.LayoutSparse, Size: 20 << 30, Split: 1 << 30, SectorSize: 4096}
 	if desc.Params != want {
 		t.Errorf("descriptor %+v, want %+v", desc.Params, want)
 	}
@@ -43,11 +43,11 @@ func TestCreateForms(t *testing.T) {
 	dir := t.TempDir()
 	cases := []struct {
 		args []string
-		want blockif.Params
+		want format.Params
 	}{
-		{[]string{"a.img", "size=1m"}, blockif.Params{Layout: blockif.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}},
-		{[]string{"b.img", "--size", "3M", "--split=1M", "--sectorsize", "512"}, blockif.Params{Layout: blockif.LayoutSparse, Size: 3 << 20, Split: 1 << 20, SectorSize: 512}},
-		{[]string{"c.img", "size=2MB", "split=512k", "layout=split"}, blockif.Params{Layout: blockif.LayoutSplit, Size: 2 << 20, Split: 512 << 10, SectorSize: 4096}},
+		{[]string{"a.img", "size=1m"}, format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 1 << 20, SectorSize: 4096}},
+		{[]string{"b.img", "--size", "3M", "--split=1M", "--sectorsize", "512"}, format.Params{Layout: format.LayoutSparse, Size: 3 << 20, Split: 1 << 20, SectorSize: 512}},
+		{[]string{"c.img", "size=2MB", "split=512k", "layout=split"}, format.Params{Layout: format.LayoutSplit, Size: 2 << 20, Split: 512 << 10, SectorSize: 4096}},
 	}
 	for _, c := range cases {
 		args := append([]string{"create"}, c.args...)
@@ -56,7 +56,7 @@ func TestCreateForms(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("%v: exit %d: %s", c.args, code, errs)
 		}
-		d, err := blockif.ReadDescriptor(nil, args[1])
+		d, err := format.ReadDescriptor(nil, args[1])
 		if err != nil {
 			t.Fatal(err)
 		}

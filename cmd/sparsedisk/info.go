@@ -6,6 +6,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -19,10 +20,14 @@ func init() {
 		Usage:     "show an image's geometry, space use and state",
 		ArgsUsage: "PATH",
 		Description: "Opens the image read-only (it is left byte-identical) and prints its layout, virtual\n" +
-			"size, sector size, split, segments, allocated data, bytes on disk, fragmentation\n" +
-			"(breaks in the logical order of slots; `shrink` makes it 0) and state.\n\n" +
+			"size, sector size, split, segments, allocated data, bytes on disk, LUT kind (xhyve or\n" +
+			"thin; JSON key lut), fragmentation (breaks in the logical order of slots; `shrink`\n" +
+			"makes it 0) and state.\n\n" +
+			"-U (--force-share) reads an image a server or mount holds open for writing, without\n" +
+			"its lock: a warning says the figures may be inconsistent. A descriptor that disagrees\n" +
+			"with the files (or a LUT pointing outside them) is reported, exit status 2.\n\n" +
 			"Examples:\n   sparsedisk info disk.img\n   sparsedisk info disk.img --output=json | jq .allocated_bytes",
-		Flags:  []cli.Flag{outputFlag()},
+		Flags:  []cli.Flag{outputFlag(), forceShareFlag()},
 		Action: infoAction,
 	})
 }
@@ -40,7 +45,7 @@ type infoJSON struct {
 // unfinishedOp returns the interrupted offline operation recorded in the
 // descriptor at path, or "" (also for raw images and unreadable ones).
 func unfinishedOp(path string) string {
-	desc, err := blockif.ReadDescriptor(nil, path)
+	desc, err := format.ReadDescriptor(nil, path)
 	if err != nil {
 		return ""
 	}
@@ -58,7 +63,13 @@ func infoAction(c *cli.Context) error {
 		return fmt.Errorf("info takes one image path")
 	}
 	path := c.Args().First()
-	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true})
+	if c.Bool("force-share") {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", forceShareWarning(path))
+	}
+	if err := examineGeometry(path); err != nil {
+		return cli.Exit(fmt.Sprintf("%s: %v", c.Command.Name, err), exitCorruption)
+	}
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true, ForceShare: c.Bool("force-share")})
 	if err != nil {
 		return err
 	}
@@ -84,15 +95,16 @@ func infoAction(c *cli.Context) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "image:\t%s\n", path)
 	fmt.Fprintf(tw, "layout:\t%s\n", st.Layout)
-	fmt.Fprintf(tw, "virtual size:\t%s\n", blockif.HumanSize(st.Size))
+	fmt.Fprintf(tw, "virtual size:\t%s\n", format.HumanSize(st.Size))
 	fmt.Fprintf(tw, "sector size:\t%d\n", st.SectorSize)
-	if st.Layout != blockif.LayoutRaw {
-		fmt.Fprintf(tw, "split:\t%s\n", blockif.HumanSize(st.Split))
+	if st.Layout != format.LayoutRaw {
+		fmt.Fprintf(tw, "split:\t%s\n", format.HumanSize(st.Split))
 		fmt.Fprintf(tw, "segments:\t%d\n", st.Segments)
 	}
-	fmt.Fprintf(tw, "allocated:\t%s\n", blockif.HumanSize(st.AllocatedBytes))
-	fmt.Fprintf(tw, "on disk:\t%s\n", blockif.HumanSize(st.OnDiskBytes))
-	if st.Layout == blockif.LayoutSparse {
+	fmt.Fprintf(tw, "allocated:\t%s\n", format.HumanSize(st.AllocatedBytes))
+	fmt.Fprintf(tw, "on disk:\t%s\n", format.HumanSize(st.OnDiskBytes))
+	if st.Layout == format.LayoutSparse {
+		fmt.Fprintf(tw, "lut:\t%s\n", st.LUTKind())
 		fmt.Fprintf(tw, "slots:\t%d\n", st.Slots)
 		fmt.Fprintf(tw, "leaked slots:\t%d\n", st.LeakedSlots)
 		frag := 0.0
@@ -100,6 +112,9 @@ func infoAction(c *cli.Context) error {
 			frag = 100 * float64(st.Fragments) / float64(n)
 		}
 		fmt.Fprintf(tw, "fragmentation:\t%d breaks (%.1f%%)\n", st.Fragments, frag)
+		if st.Advice > 0 {
+			fmt.Fprintf(tw, "advice:\t%d finding(s): `sparsedisk check %s` lists them, `sparsedisk shrink %s` fixes them\n", st.Advice, path, path)
+		}
 		fmt.Fprintf(tw, "state:\t%s\n", st.State)
 	}
 	if op != "" {

@@ -7,13 +7,14 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // makeImage creates a sparse image with a few written ranges.
 func makeImage(t *testing.T) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	if err := blockif.Create(path, blockif.Params{Size: 64 << 20, Split: 16 << 20, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Size: 64 << 20, Split: 16 << 20, SectorSize: 4096}, nil); err != nil {
 		t.Fatal(err)
 	}
 	d, err := blockif.Open(path, nil)
@@ -84,12 +85,12 @@ func TestInfo(t *testing.T) {
 // are read-only), and say so, with the command that finishes it.
 func TestInfoMapUnfinished(t *testing.T) {
 	path := makeImage(t)
-	desc, err := blockif.ReadDescriptor(nil, path)
+	desc, err := format.ReadDescriptor(nil, path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	desc.Intent = blockif.IntentResize
-	if err := blockif.WriteDescriptor(nil, path, desc); err != nil {
+	desc.Intent = format.IntentResize
+	if err := format.WriteDescriptor(nil, path, desc); err != nil {
 		t.Fatal(err)
 	}
 	before := imageDigest(t, path)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/nbdclient"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
@@ -518,7 +519,7 @@ func TestKillCrashNBD(t *testing.T) {
 		if len(bads) > 0 {
 			t.FailNow()
 		}
-		if s := descriptorState(t, image); s != blockif.StateDirty {
+		if s := descriptorState(t, image); s != format.StateDirty {
 			t.Errorf("round %d: descriptor state after SIGKILL = %q, want dirty", round, s)
 		}
 
@@ -547,7 +548,7 @@ func TestKillCrashNBD(t *testing.T) {
 	if err := srv.stop(t); err != nil {
 		t.Fatalf("serve after SIGTERM: %v; stderr:\n%s", err, srv.stderr)
 	}
-	if s := descriptorState(t, image); s != blockif.StateClean {
+	if s := descriptorState(t, image); s != format.StateClean {
 		t.Errorf("descriptor state after SIGTERM = %q, want clean", s)
 	}
 	r, err := blockif.Check(image, nil)

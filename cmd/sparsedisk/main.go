@@ -37,11 +37,17 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 
 // run executes the app and returns the process exit code.
 func run(args []string, stdout, stderr io.Writer) int {
-	err := newApp(stdout, stderr).Run(flagsFirst(args))
+	args, err := flagsFirst(args)
+	if err == nil {
+		err = unknownCommand(args)
+	}
+	if err == nil {
+		err = newApp(stdout, stderr).Run(args)
+	}
 	if err == nil {
 		return 0
 	}
-	fmt.Fprintf(stderr, "sparsedisk: %v\n", err)
+	fmt.Fprintf(stderr, "sparsedisk: %s\n", cleanMsg(err.Error()))
 	if ec, ok := err.(cli.ExitCoder); ok && ec.ExitCode() != 0 {
 		return ec.ExitCode()
 	}
@@ -53,10 +59,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 // command's first positional argument, so this moves the subcommand's
 // known flags, with their values, ahead of its positional arguments.
 // Anything else keeps its place, including words that merely start with
-// a dash (`resize disk.img -1G`) and everything after "--".
-func flagsFirst(args []string) []string {
+// a dash (`resize disk.img -1G`) and everything after "--". A value
+// flag with no value after it is an error naming the flag: it must not
+// take the next positional argument (`serve a.img --socket` would bind
+// the socket at the image's path).
+func flagsFirst(args []string) ([]string, error) {
 	if len(args) < 3 {
-		return args
+		return args, nil
 	}
 	var cmd *cli.Command
 	for _, c := range commands {
@@ -65,7 +74,7 @@ func flagsFirst(args []string) []string {
 		}
 	}
 	if cmd == nil {
-		return args
+		return args, nil
 	}
 	known := map[string]cli.Flag{"help": cli.HelpFlag, "h": cli.HelpFlag}
 	for _, f := range cmd.Flags {
@@ -87,13 +96,41 @@ func flagsFirst(args []string) []string {
 			pos = append(pos, a)
 			continue
 		}
+		if f == cli.HelpFlag {
+			// `info -h x`: help for the command, whatever follows.
+			return []string{args[0], args[1], "--help"}, nil
+		}
 		flags = append(flags, a)
-		if _, isBool := f.(*cli.BoolFlag); !isBool && !hasVal && i+1 < len(rest) {
+		if _, isBool := f.(*cli.BoolFlag); !isBool && !hasVal {
+			if i+1 >= len(rest) || rest[i+1] == "--" {
+				return nil, fmt.Errorf("%s %s needs a value (%s=VALUE); see `sparsedisk %s --help`", args[1], a, a, cmd.Name)
+			}
 			i++
 			flags = append(flags, rest[i])
 		}
 	}
-	return append(append(append([]string{}, args[:2]...), flags...), pos...)
+	return append(append(append([]string{}, args[:2]...), flags...), pos...), nil
+}
+
+// unknownCommand refuses a first argument that names no command (urfave
+// would answer "No help topic", exit 3).
+func unknownCommand(args []string) error {
+	if len(args) < 2 || strings.HasPrefix(args[1], "-") {
+		return nil
+	}
+	for _, c := range commands {
+		if c.HasName(args[1]) {
+			return nil
+		}
+	}
+	if args[1] == "help" || args[1] == "h" {
+		return nil
+	}
+	names := make([]string, 0, len(commands))
+	for _, c := range commands {
+		names = append(names, c.Name)
+	}
+	return fmt.Errorf("unknown command %q; the commands are %s (`sparsedisk --help` explains them)", args[1], strings.Join(names, ", "))
 }
 
 // cpuProfileEnv names a file to write a Go CPU profile (pprof format) of
@@ -104,6 +141,12 @@ func flagsFirst(args []string) []string {
 const cpuProfileEnv = "SPARSEDISK_CPUPROFILE"
 
 func main() {
+	if addr := os.Getenv(debugAddrEnv); addr != "" {
+		if _, err := startDebugServer(addr); err != nil {
+			fmt.Fprintf(os.Stderr, "sparsedisk: %v\n", err)
+			os.Exit(1)
+		}
+	}
 	if path := os.Getenv(cpuProfileEnv); path != "" {
 		f, err := os.Create(path)
 		if err == nil {

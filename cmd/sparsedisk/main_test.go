@@ -74,11 +74,20 @@ func TestFlagsFirst(t *testing.T) {
 		{"sparsedisk serve a.img --listen=:1 --read-only", "sparsedisk serve --listen=:1 --read-only a.img"},
 		{"sparsedisk resize a.img -1G --shrink", "sparsedisk resize --shrink a.img -1G"},
 		{"sparsedisk info a.img -- --output=json", "sparsedisk info a.img -- --output=json"},
-		{"sparsedisk info a.img --help", "sparsedisk info --help a.img"},
+		{"sparsedisk info a.img --help", "sparsedisk info --help"},
+		{"sparsedisk info -h x", "sparsedisk info --help"},
+		{"sparsedisk serve z1 z2 --socket", "error"},
+		{"sparsedisk check base.img -r", "error"},
+		{"sparsedisk create x.img size=1M --layout", "error"},
 		{"sparsedisk nosuchcommand a --b", "sparsedisk nosuchcommand a --b"},
 		{"sparsedisk", "sparsedisk"},
 	} {
-		if got := strings.Join(flagsFirst(strings.Fields(tc.in)), " "); got != tc.want {
+		args, err := flagsFirst(strings.Fields(tc.in))
+		got := strings.Join(args, " ")
+		if err != nil {
+			got = "error"
+		}
+		if got != tc.want {
 			t.Errorf("flagsFirst(%q) = %q, want %q", tc.in, got, tc.want)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/urfave/cli/v2"
 )
 
@@ -15,8 +16,11 @@ func init() {
 		ArgsUsage: "PATH",
 		Description: "Prints the disk as alternating runs, like `qemu-img map`: data runs hold sectors\n" +
 			"with stored data, holes read as zeros and take no space. Read-only.\n\n" +
+			"-U (--force-share) reads an image a server or mount holds open for writing, without\n" +
+			"its lock: a warning says the figures may be inconsistent. A descriptor that disagrees\n" +
+			"with the files (or a LUT pointing outside them) is reported, exit status 2.\n\n" +
 			"Examples:\n   sparsedisk map disk.img\n   sparsedisk map disk.img --output=json   # [{\"start\":…,\"length\":…,\"data\":true}, …]",
-		Flags:  []cli.Flag{outputFlag()},
+		Flags:  []cli.Flag{outputFlag(), forceShareFlag()},
 		Action: mapAction,
 	})
 }
@@ -34,7 +38,13 @@ func mapAction(c *cli.Context) error {
 		return fmt.Errorf("map takes one image path")
 	}
 	path := c.Args().First()
-	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true})
+	if c.Bool("force-share") {
+		fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", forceShareWarning(path))
+	}
+	if err := examineGeometry(path); err != nil {
+		return cli.Exit(fmt.Sprintf("%s: %v", c.Command.Name, err), exitCorruption)
+	}
+	d, err := blockif.Open(path, &blockif.Options{ReadOnly: true, NoDirtyCheck: true, ForceShare: c.Bool("force-share")})
 	if err != nil {
 		return err
 	}
@@ -56,7 +66,7 @@ func mapAction(c *cli.Context) error {
 			e = e[1:]
 		}
 		ext = append(ext, e...)
-		if err := d.ReleaseTables(); err != nil {
+		if err := d.ReleaseTablesIn(off, min(step, d.Size()-off)); err != nil {
 			return fmt.Errorf("map %s: %w", path, err)
 		}
 	}
@@ -83,7 +93,7 @@ func mapAction(c *cli.Context) error {
 		if e.Allocated {
 			kind = "data"
 		}
-		fmt.Fprintf(w, "0x%-18x 0x%-18x %-6s %s\n", e.Offset, e.Length, kind, blockif.HumanSize(e.Length))
+		fmt.Fprintf(w, "0x%-18x 0x%-18x %-6s %s\n", e.Offset, e.Length, kind, format.HumanSize(e.Length))
 	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 func TestMap(t *testing.T) {
@@ -52,7 +53,7 @@ func TestMap(t *testing.T) {
 // extent, and so is a hole spanning several segments.
 func TestMapAcrossSegments(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "x.img")
-	if err := blockif.Create(path, blockif.Params{Size: 4 << 20, Split: 1 << 20, SectorSize: 4096}, nil); err != nil {
+	if err := blockif.Create(path, format.Params{Size: 4 << 20, Split: 1 << 20, SectorSize: 4096}, nil); err != nil {
 		t.Fatal(err)
 	}
 	d, err := blockif.Open(path, nil)

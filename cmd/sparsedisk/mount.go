@@ -38,6 +38,7 @@ func init() {
 			&cli.BoolFlag{Name: "allow-other", Usage: "let other users see the mount; NAME stays mode 0600 until you chmod it"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it completes (slow)"},
 			&cli.BoolFlag{Name: "debug", Usage: "log every FUSE request"},
+			&cli.BoolFlag{Name: "force", Usage: "mount over a directory that is not empty (its files are hidden until umount)"},
 		},
 		Action: mountAction,
 	})
@@ -61,6 +62,9 @@ func mountAction(c *cli.Context) error {
 	// Check what we can before opening the image, which marks it dirty.
 	if err := checkMountPoint(dir); err != nil {
 		return err
+	}
+	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 && !c.Bool("force") {
+		return fmt.Errorf("mount point %s is not empty (%d entries, first %s): mounting would hide them until umount; use an empty directory, or --force", dir, len(ents), ents[0].Name())
 	}
 	if f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0); err != nil {
 		return fmt.Errorf("no FUSE on this system (%w); load the fuse module or give the container /dev/fuse", err)

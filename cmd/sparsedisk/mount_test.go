@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
@@ -87,7 +88,7 @@ func TestMain(m *testing.M) {
 func testImage(t *testing.T) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "disk.img")
-	p := blockif.Params{Layout: blockif.LayoutSparse, Size: 16 << 20, Split: 1 << 20, SectorSize: 4096}
+	p := format.Params{Layout: format.LayoutSparse, Size: 16 << 20, Split: 1 << 20, SectorSize: 4096}
 	if err := blockif.Create(path, p, nil); err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +172,7 @@ func (p *mountProc) wait(t *testing.T) int {
 
 func descriptorState(t *testing.T, image string) string {
 	t.Helper()
-	d, err := blockif.ReadDescriptor(vfs.OS{}, image)
+	d, err := format.ReadDescriptor(vfs.OS{}, image)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +216,7 @@ func readDisk(t *testing.T, d *blockif.Disk, off, n int64) []byte {
 func TestMountUmountCommand(t *testing.T) {
 	image := testImage(t)
 	p := startMount(t, image)
-	if st := descriptorState(t, image); st != blockif.StateDirty {
+	if st := descriptorState(t, image); st != format.StateDirty {
 		t.Errorf("state while mounted = %q", st)
 	}
 	data := bytes.Repeat([]byte("umount"), 50000)
@@ -241,7 +242,7 @@ func TestMountUmountCommand(t *testing.T) {
 	if code := p.wait(t); code != 0 {
 		t.Errorf("mount exit code %d\n%s", code, p.stderr)
 	}
-	if st := descriptorState(t, image); st != blockif.StateClean {
+	if st := descriptorState(t, image); st != format.StateClean {
 		t.Errorf("state after umount = %q\n%s", st, p.stderr)
 	}
 	if !strings.Contains(p.stderr.String(), "image closed clean") {
@@ -271,7 +272,7 @@ func TestMountSignals(t *testing.T) {
 			if code := p.wait(t); code != 0 {
 				t.Errorf("exit code %d\n%s", code, p.stderr)
 			}
-			if st := descriptorState(t, image); st != blockif.StateClean {
+			if st := descriptorState(t, image); st != format.StateClean {
 				t.Errorf("state = %q", st)
 			}
 			if got := readImage(t, image, 4096, int64(len(data))); !bytes.Equal(got, data) {
@@ -336,7 +337,7 @@ func TestMountErrors(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "in use") {
 		t.Errorf("image in use: exit %d %q", code, errOut)
 	}
-	if st := descriptorState(t, image); st != blockif.StateClean {
+	if st := descriptorState(t, image); st != format.StateClean {
 		t.Errorf("failed mounts left state %q", st)
 	}
 	_, errOut, code = sdRun(t, "mount", image)
@@ -393,7 +394,7 @@ func TestMountKill9(t *testing.T) {
 		t.Errorf("umount of a stale mount: exit %d %q", code, errOut)
 	}
 
-	if st := descriptorState(t, image); st != blockif.StateDirty {
+	if st := descriptorState(t, image); st != format.StateDirty {
 		t.Errorf("state after kill -9 = %q, want dirty", st)
 	}
 	r, err := blockif.Check(image, nil)

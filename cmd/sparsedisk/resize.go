@@ -4,6 +4,8 @@ import (
 	"fmt"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -42,7 +44,7 @@ func resizeAction(c *cli.Context) error {
 	}
 	cur := d.Size()
 	d.Close()
-	size, err := blockif.ResolveSize(cur, pos[1])
+	size, err := offline.ResolveSize(cur, pos[1])
 	if err != nil {
 		return fmt.Errorf("resize %s: %w", path, err)
 	}
@@ -51,13 +53,13 @@ func resizeAction(c *cli.Context) error {
 		what = "resize: scan past new end"
 	}
 	progress, done := progressFor(c, !fl.on("quiet"), what)
-	rep, err := blockif.Resize(path, size, &blockif.ResizeOptions{AllowShrink: fl.on("shrink"), Force: fl.on("force"), Progress: progress})
+	rep, err := offline.Resize(path, size, &offline.ResizeOptions{AllowShrink: fl.on("shrink"), Force: fl.on("force"), Progress: progress})
 	done()
 	if err != nil {
 		return fmt.Errorf("resize %s: %w", path, err)
 	}
 	if !fl.on("quiet") {
-		fmt.Fprintf(c.App.Writer, "%s: size %s → %s\n", path, blockif.HumanSize(rep.OldSize), blockif.HumanSize(rep.NewSize))
+		fmt.Fprintf(c.App.Writer, "%s: size %s → %s\n", path, format.HumanSize(rep.OldSize), format.HumanSize(rep.NewSize))
 		if rep.DroppedSectors > 0 {
 			fmt.Fprintf(c.App.Writer, "  dropped %d sector(s) holding data, the first sector %d\n", rep.DroppedSectors, rep.FirstDropped)
 		}

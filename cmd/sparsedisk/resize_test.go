@@ -32,7 +32,7 @@ func TestResizeCommand(t *testing.T) {
 	if out, errs, code := sdRun(t, "resize", "--shrink", path, "-32M", "--force"); code != 0 || size() != 48<<20 || !strings.Contains(out, "dropped") {
 		t.Fatalf("forced shrink: exit %d size %d\n%s%s", code, size(), out, errs)
 	}
-	if r, err := blockif.CheckImage(path, nil); err != nil || !r.Clean() {
+	if r, err := blockif.Check(path, nil); err != nil || !r.Clean() {
 		t.Fatalf("check after resize: %v %v", err, r)
 	}
 	if _, _, code := sdRun(t, "resize", path, "1.5G"); code == 0 {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/nbd"
 	"github.com/urfave/cli/v2"
 )
@@ -39,9 +41,13 @@ func init() {
 			"   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk.img,format=raw,if=virtio\n" +
 			"   sparsedisk serve --listen 0.0.0.0:10809 --tls require --tls-cert s.pem --tls-key s.key vm1.img:vm1 vm2.img:vm2\n" +
 			"   sparsedisk serve --socket /run/disk.sock --read-only base.img\n\n" +
-			"Limits (see SECURITY.md): at most --max-connections clients at once (the rest are\n" +
-			"refused immediately), each with at most --max-in-flight requests executing; a client\n" +
-			"that has not finished negotiating after --handshake-timeout is dropped, and with\n" +
+			"Any offset and length is accepted (the minimum block size advertised is 1, the\n" +
+			"preferred one the sector size); --min-block N advertises and enforces N instead.\n\n" +
+			"Limits (see SECURITY.md): at most --max-connections negotiated clients at once (a\n" +
+			"client asking for an export beyond that is refused and may retry), each with at most\n" +
+			"--max-in-flight requests executing; at most --max-handshakes connections still\n" +
+			"negotiating, a new one evicting the oldest, so idle sockets cannot lock clients out;\n" +
+			"a client that has not finished negotiating after --handshake-timeout is dropped, and with\n" +
 			"--idle-timeout a connected client that sends nothing for that long is too. A Unix\n" +
 			"socket is created with --socket-mode (default 0600: only the serving user may connect).",
 		Flags: append([]cli.Flag{
@@ -50,12 +56,15 @@ func init() {
 			&cli.BoolFlag{Name: "read-only", Aliases: []string{"r"}, Usage: "serve every image read-only"},
 			&cli.BoolFlag{Name: "sync", Usage: "make every write durable before it is acknowledged (slow)"},
 			&cli.StringFlag{Name: "socket-mode", Value: "0600", Usage: "permission bits (octal `MODE`) of the --socket file; connecting needs write permission"},
-			&cli.IntFlag{Name: "max-connections", Value: nbd.DefaultMaxConnections, Usage: "serve at most `N` connections at once, negotiating or not; more are closed at once (0 = unlimited)"},
+			&cli.IntFlag{Name: "max-connections", Value: nbd.DefaultMaxConnections, Usage: "serve at most `N` negotiated connections at once; a client asking for an export beyond that is refused (0 = unlimited)"},
+			&cli.IntFlag{Name: "max-handshakes", Value: nbd.DefaultMaxHandshakes, Usage: "keep at most `N` connections that are still negotiating; a new one evicts the oldest (0 = unlimited)"},
+			&cli.UintFlag{Name: "min-block", Value: 1, Usage: "minimum block size `N` to advertise and enforce (a power of two up to 65536; 1 = any offset and length)"},
 			&cli.IntFlag{Name: "max-in-flight", Value: nbd.DefaultMaxInFlight, Usage: "execute at most `N` requests of one connection at once; the connection is not read further meanwhile"},
 			&cli.DurationFlag{Name: "handshake-timeout", Value: nbd.DefaultHandshakeTimeout, Usage: "drop clients that do not finish negotiating (TLS included) in this time"},
 			&cli.DurationFlag{Name: "idle-timeout", Usage: "close connections that send no request for this long (0 = never; kernel clients idle for hours)"},
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 30 * time.Second, Usage: "on SIGINT/SIGTERM, wait this long for requests in flight (a second signal stops waiting)"},
-			&cli.BoolFlag{Name: "debug", Usage: "log every failed request and connection detail"},
+			&cli.StringFlag{Name: "tcp-congestion", Value: nbd.DefaultLoopbackCongestion, Usage: "TCP congestion control `ALGO` for connections from loopback addresses; \"\" or \"" + nbd.KeepCongestion + "\" keeps the system's default"},
+			&cli.BoolFlag{Name: "debug", Usage: "also log refused requests (read-only, out of range) and connection detail; failures of the image (EIO, ENOSPC) are always logged"},
 		}, tlsFlags()...),
 		Action: serveAction,
 	})
@@ -231,17 +240,21 @@ func serveAction(c *cli.Context) error {
 		disks = append(disks, d)
 		// The description names the image file, not its directory: any
 		// client may read it, and the server's layout is not its business.
-		desc := fmt.Sprintf("sparsedisk %s image %s, %s", d.Params().Layout, filepath.Base(path), blockif.HumanSize(d.Size()))
+		desc := fmt.Sprintf("sparsedisk %s image %s, %s", d.Params().Layout, filepath.Base(path), format.HumanSize(d.Size()))
 		exports = append(exports, nbd.Export{Name: name, Description: desc, Backend: d})
 	}
 	srv, err := nbd.NewServer(nbd.Config{
 		TLS:              mode,
 		TLSConfig:        tcfg,
 		MaxConnections:   limits.maxConns,
+		MaxHandshakes:    limits.maxHandshakes,
+		MinBlock:         limits.minBlock,
 		MaxInFlight:      limits.maxInFlight,
 		HandshakeTimeout: limits.handshake,
 		IdleTimeout:      limits.idle,
 		Logger:           log,
+		// An explicitly empty flag means the same as "system".
+		LoopbackCongestion: cmp.Or(c.String("tcp-congestion"), nbd.KeepCongestion),
 	}, exports...)
 	if err != nil {
 		closeAll()
@@ -332,21 +345,31 @@ func serveAction(c *cli.Context) error {
 
 // serveLimits are the connection limits and the socket mode from the flags.
 type serveLimits struct {
-	maxConns, maxInFlight int
-	handshake, idle       time.Duration
-	socketMode            os.FileMode
+	maxConns, maxHandshakes, maxInFlight int
+	minBlock                             uint32
+	handshake, idle                      time.Duration
+	socketMode                           os.FileMode
 }
 
 func serveLimitFlags(c *cli.Context) (serveLimits, error) {
 	l := serveLimits{
-		maxConns:    c.Int("max-connections"),
-		maxInFlight: c.Int("max-in-flight"),
-		handshake:   c.Duration("handshake-timeout"),
-		idle:        c.Duration("idle-timeout"),
+		maxConns:      c.Int("max-connections"),
+		maxHandshakes: c.Int("max-handshakes"),
+		maxInFlight:   c.Int("max-in-flight"),
+		handshake:     c.Duration("handshake-timeout"),
+		idle:          c.Duration("idle-timeout"),
 	}
 	if l.maxConns <= 0 {
 		l.maxConns = -1 // nbd.Config: negative = unlimited
 	}
+	if l.maxHandshakes <= 0 {
+		l.maxHandshakes = -1
+	}
+	mb, err := minBlockFlag(c)
+	if err != nil {
+		return l, err
+	}
+	l.minBlock = mb
 	if l.maxInFlight < 1 {
 		return l, fmt.Errorf("--max-in-flight %d: need at least 1", l.maxInFlight)
 	}
@@ -362,6 +385,15 @@ func serveLimitFlags(c *cli.Context) (serveLimits, error) {
 	}
 	l.socketMode = os.FileMode(m)
 	return l, nil
+}
+
+// minBlockFlag reads --min-block: a power of two from 1 to 65536.
+func minBlockFlag(c *cli.Context) (uint32, error) {
+	n := c.Uint("min-block")
+	if n < 1 || n > 65536 || n&(n-1) != 0 {
+		return 0, fmt.Errorf("--min-block %d: want a power of two from 1 to 65536 (e.g. 512 or 4096)", n)
+	}
+	return uint32(n), nil
 }
 
 // listenUnix listens on a Unix socket at path whose permission bits are

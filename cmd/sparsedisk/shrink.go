@@ -4,7 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 
-	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/offline"
 	"github.com/urfave/cli/v2"
 )
 
@@ -43,7 +44,7 @@ func shrinkAction(c *cli.Context) error {
 	}
 	quiet := fl.on("quiet")
 	progress, done := progressFor(c, !quiet && output == "human", "shrink")
-	rep, err := blockif.Shrink(path, &blockif.ShrinkOptions{DryRun: fl.on("dry-run"), Progress: progress})
+	rep, err := offline.Shrink(path, &offline.ShrinkOptions{DryRun: fl.on("dry-run"), Progress: progress})
 	done()
 	if err != nil {
 		return fmt.Errorf("shrink %s: %w", path, err)
@@ -62,8 +63,8 @@ func shrinkAction(c *cli.Context) error {
 		verb = "would reclaim"
 	}
 	fmt.Fprintf(w, "%s: %s %s (on disk %s before, %s after)\n", path, verb,
-		blockif.HumanSize(max(rep.BytesBefore-rep.BytesAfter, 0)), blockif.HumanSize(rep.BytesBefore), blockif.HumanSize(rep.BytesAfter))
+		format.HumanSize(max(rep.BytesBefore-rep.BytesAfter, 0)), format.HumanSize(rep.BytesBefore), format.HumanSize(rep.BytesAfter))
 	fmt.Fprintf(w, "  live data %s; %d of %d segment(s) compacted; %d zero sector(s) and %d unreferenced slot(s) dropped\n",
-		blockif.HumanSize(rep.LiveBytes), rep.Compacted, rep.Segments, rep.ZeroSectors, rep.OrphanSlots)
+		format.HumanSize(rep.LiveBytes), rep.Compacted, rep.Segments, rep.ZeroSectors, rep.OrphanSlots)
 	return nil
 }

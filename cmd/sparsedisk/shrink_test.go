@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/offline"
 )
 
 func TestShrinkCommand(t *testing.T) {
@@ -32,7 +33,7 @@ func TestShrinkCommand(t *testing.T) {
 		t.Fatal("dry run changed the image")
 	}
 	out, _, code = sdRun(t, "shrink", "--output=json", path)
-	var rep blockif.ShrinkReport
+	var rep offline.ShrinkReport
 	if code != 0 || json.Unmarshal([]byte(out), &rep) != nil || rep.Compacted == 0 || rep.ZeroSectors != 1 {
 		t.Fatalf("shrink: exit %d\n%s", code, out)
 	}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/nbdclient"
 )
 
@@ -274,7 +275,7 @@ func TestSoak(t *testing.T) {
 
 	// The stopped image: clean, no findings at all, and holding exactly
 	// what the model says.
-	if s := descriptorState(t, image); s != blockif.StateClean {
+	if s := descriptorState(t, image); s != format.StateClean {
 		t.Errorf("descriptor state after SIGTERM = %q, want clean", s)
 	}
 	requireClean(t, image, true)

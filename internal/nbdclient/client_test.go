@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/nbd"
 )
@@ -29,7 +30,7 @@ func serve(t *testing.T, cfg nbd.Config, size int64) string {
 	t.Helper()
 	open := func(name string, ro bool) *blockif.Disk {
 		path := filepath.Join(t.TempDir(), name)
-		p := blockif.Params{Layout: blockif.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: sector}
+		p := format.Params{Layout: format.LayoutSparse, Size: size, Split: 1 << 20, SectorSize: sector}
 		if err := blockif.Create(path, p, nil); err != nil {
 			t.Fatal(err)
 		}
@@ -97,7 +98,7 @@ func TestHandshake(t *testing.T) {
 		if c.Flags()&want != want {
 			t.Errorf("export %q: flags %#x lack %#x", name, c.Flags(), want)
 		}
-		if mn, pref, mx := c.BlockSize(); mn != sector || pref < mn || mx != nbd.DefaultMaxPayload {
+		if mn, pref, mx := c.BlockSize(); mn != 1 || pref != sector || mx != nbd.DefaultMaxPayload {
 			t.Errorf("block sizes %d/%d/%d", mn, pref, mx)
 		}
 	}
@@ -119,7 +120,9 @@ func TestHandshake(t *testing.T) {
 // TestRequests runs each command against a real server and checks the
 // result, including the server's error values.
 func TestRequests(t *testing.T) {
-	addr := serve(t, nbd.Config{}, 8<<20)
+	// A strict minimum block size, so that an unaligned request from this
+	// client (which asks for block sizes) is an error to check.
+	addr := serve(t, nbd.Config{MinBlock: sector}, 8<<20)
 	c := dial(t, addr, "disk")
 	ro := dial(t, addr, "ro")
 	size := c.Size()

@@ -3,9 +3,9 @@
 // serve`), negotiates one export and then reads, writes, flushes, trims and
 // zeroes ranges of it.
 //
-// It is written against the protocol document kept in the project's shared
-// reference directory (nbd-proto.md) and speaks a deliberately small part
-// of it:
+// It is written against the NBD protocol specification (doc/proto.md of the
+// NetworkBlockDevice/nbd project) and speaks a deliberately small part of
+// it:
 //
 //   - fixed newstyle negotiation only, entering transmission with
 //     NBD_OPT_GO (so an unknown export is a clean error, not a dropped

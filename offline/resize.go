@@ -1,15 +1,14 @@
-package blockif
+package offline
 
 import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"strings"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -58,7 +57,7 @@ func ResolveSize(cur int64, spec string) (int64, error) {
 	case strings.HasPrefix(s, "-"):
 		sign, s = -1, s[1:]
 	}
-	n, err := ParseSize(s)
+	n, err := format.ParseSize(s)
 	if err != nil {
 		return 0, err
 	}
@@ -101,11 +100,11 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	if err != nil {
 		return nil, fmt.Errorf("resize: %w", err)
 	}
-	isDesc, err := isDescriptor(fsys, path, fi.Size())
+	isDesc, err := format.IsDescriptor(fsys, path, fi.Size())
 	if err != nil {
 		return nil, err
 	}
-	lock, err := lockOffline(fsys, path, true)
+	lock, err := format.LockImage(fsys, path, true)
 	if err != nil {
 		return nil, err
 	}
@@ -113,11 +112,11 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 	if !isDesc {
 		return resizeRaw(fsys, path, fi.Size(), newSize, o)
 	}
-	desc, err := ReadDescriptor(fsys, path)
+	desc, err := format.ReadDescriptor(fsys, path)
 	if err != nil {
 		return nil, err
 	}
-	if err := finishIntent(fsys, path, desc, lock.write); err != nil {
+	if err := format.FinishIntent(fsys, path, desc, lock.Write); err != nil {
 		return nil, err
 	}
 	desc.Intent = ""
@@ -147,46 +146,46 @@ func Resize(path string, newSize int64, o *ResizeOptions) (*ResizeReport, error)
 			ErrDataPastEnd, path, rep.FirstDropped, rep.FirstDropped*desc.SectorSize, rep.DroppedSectors-1, newSize)
 	}
 	desc.Params = np
-	if err := lock.setIntent(&desc, IntentResize); err != nil { // commit
+	if err := lock.SetIntent(&desc, format.IntentResize); err != nil { // commit
 		return nil, err
 	}
-	if err := trimToGeometry(fsys, path, np); err != nil {
+	if err := format.TrimToGeometry(fsys, path, np); err != nil {
 		return nil, err
 	}
 	desc.Intent = ""
-	return rep, lock.write(desc)
+	return rep, lock.Write(desc)
 }
 
 // grow adds segment files and LUT entries for np, then commits np.
-func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLock, o *ResizeOptions) error {
+func grow(fsys vfs.FS, path string, desc format.Descriptor, np format.Params, lock *format.ImageLock, o *ResizeOptions) error {
 	old := desc.Params
 	oldN, newN := old.Segments(), np.Segments()
 	// Refusals come before the intent is recorded: finishing a resize
 	// intent removes every file past the geometry, and a stray file found
 	// here may hold data (check -r all moves such files aside instead).
 	for i := oldN; i < newN; i++ {
-		name := segment.Name(path, i)
+		name := format.SegmentName(path, i)
 		if fi, err := fsys.Stat(name); err == nil && fi.Size() > 0 {
 			return fmt.Errorf("%w: segment file %s already exists beyond the image's %d segments; run `sparsedisk check -r all` first (it moves such files aside)", ErrCorrupt, name, oldN)
 		}
 	}
-	if np.Layout == LayoutSparse {
-		if err := checkRoom(fsys, path, (np.Sectors()-old.Sectors())*lut.EntrySize, "the LUT's new entries"); err != nil {
+	if np.Layout == format.LayoutSparse && np.LUTKind() == lut.Xhyve { // a thin LUT grows by a hole
+		if err := format.CheckRoom(fsys, path, (np.Sectors()-old.Sectors())*lut.EntrySize, "the LUT's new entries"); err != nil {
 			return err
 		}
 	}
-	if err := lock.setIntent(&desc, IntentResize); err != nil {
+	if err := lock.SetIntent(&desc, format.IntentResize); err != nil {
 		return err
 	}
-	if old.Layout == LayoutSplit {
+	if old.Layout == format.LayoutSplit {
 		// The old last segment may have been short: lengthen it.
-		name := segment.Name(path, oldN-1)
-		if err := truncateFile(fsys, name, min(np.Split, np.Size-int64(oldN-1)*np.Split), true); err != nil {
+		name := format.SegmentName(path, oldN-1)
+		if err := format.TruncateFile(fsys, name, min(np.Split, np.Size-int64(oldN-1)*np.Split), true); err != nil {
 			return err
 		}
 	}
 	for i := oldN; i < newN; i++ {
-		name := segment.Name(path, i)
+		name := format.SegmentName(path, i)
 		if fi, err := fsys.Stat(name); err == nil && fi.Size() > 0 {
 			return fmt.Errorf("%w: segment file %s already exists beyond the image's %d segments; run `sparsedisk check -r all` first", ErrCorrupt, name, oldN)
 		}
@@ -194,7 +193,7 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLoc
 		if err != nil {
 			return fmt.Errorf("create segment: %w", err)
 		}
-		if np.Layout == LayoutSplit {
+		if np.Layout == format.LayoutSplit {
 			if err = f.Truncate(min(np.Split, np.Size-int64(i)*np.Split)); err == nil {
 				err = f.Sync()
 			}
@@ -206,12 +205,12 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLoc
 			return fmt.Errorf("create segment %s: %w", name, err)
 		}
 	}
-	if np.Layout == LayoutSparse {
+	if np.Layout == format.LayoutSparse {
 		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
 		if err != nil {
 			return fmt.Errorf("open LUT: %w", err)
 		}
-		err = fillFF(f, old.Sectors()*lut.EntrySize, np.Sectors()*lut.EntrySize, o.report)
+		err = lut.Extend(f, np.LUTKind(), old.Sectors(), np.Sectors(), o.report)
 		if err == nil {
 			err = f.Sync()
 		}
@@ -222,61 +221,17 @@ func grow(fsys vfs.FS, path string, desc Descriptor, np Params, lock *offlineLoc
 			return fmt.Errorf("extend LUT %s: %w", path+lut.Suffix, err)
 		}
 	}
-	if err := syncDirOf(fsys, path); err != nil {
+	if err := format.SyncDirOf(fsys, path); err != nil {
 		return err
 	}
 	desc.Params, desc.Intent = np, ""
-	return lock.write(desc) // commit
-}
-
-// fillFF writes 0xFF bytes (unallocated entries) over [from, to) of f,
-// telling progress (if not nil) how many bytes it wrote.
-func fillFF(f vfs.File, from, to int64, progress func(done, total int64)) error {
-	buf := make([]byte, min(to-from, 1<<20))
-	for i := range buf {
-		buf[i] = 0xFF
-	}
-	for off := from; off < to; {
-		c := min(to-off, int64(len(buf)))
-		if _, err := f.WriteAt(buf[:c], off); err != nil {
-			return fmt.Errorf("offset %d: %w", off, err)
-		}
-		off += c
-		if progress != nil {
-			progress(off-from, to-from)
-		}
-	}
-	return nil
-}
-
-// truncateFile sets a file's length durably. With onlyGrow it never
-// shortens the file.
-func truncateFile(fsys vfs.FS, name string, size int64, onlyGrow bool) error {
-	f, err := fsys.OpenFile(name, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	cur, err := f.Size()
-	if err != nil {
-		return err
-	}
-	if cur == size || (onlyGrow && cur > size) {
-		return nil
-	}
-	if err := f.Truncate(size); err != nil {
-		return fmt.Errorf("truncate %s to %d: %w", name, size, err)
-	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", name, err)
-	}
-	return nil
+	return lock.Write(desc) // commit
 }
 
 // findDataPastEnd records in rep the data that lies at or past newSize.
-func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
+func findDataPastEnd(fsys vfs.FS, path string, p format.Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
 	ss := p.SectorSize
-	if p.Layout == LayoutSparse {
+	if p.Layout == format.LayoutSparse {
 		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDONLY, 0)
 		if err != nil {
 			return fmt.Errorf("open LUT: %w", err)
@@ -286,7 +241,7 @@ func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *Res
 		from := newSize / ss
 		first := int(from / perSeg)
 		for i := first; i < p.Segments(); i++ {
-			e, err := readEntries(f, p, i)
+			e, err := format.ReadEntries(f, p, i)
 			if err != nil {
 				return err
 			}
@@ -310,7 +265,7 @@ func findDataPastEnd(fsys vfs.FS, path string, p Params, newSize int64, rep *Res
 		i := off / p.Split
 		in := off % p.Split
 		c := min(int64(len(buf)), p.Split-in, p.Size-off)
-		if err := readPadded(fsys, segment.Name(path, int(i)), buf[:c], in); err != nil {
+		if err := readPadded(fsys, format.SegmentName(path, int(i)), buf[:c], in); err != nil {
 			return err
 		}
 		for s := int64(0); s < c; s += ss {
@@ -345,112 +300,6 @@ func readPadded(fsys vfs.FS, name string, p []byte, off int64) error {
 	return nil
 }
 
-// trimToGeometry cuts the files down to the geometry p: slots of the last
-// segment referenced only by LUT entries past the end are punched, the LUT
-// is truncated to one entry per sector, segment files past the last are
-// removed, and a split image's last segment is cut to its length. It never
-// touches data inside the disk; it is the recovery of intent = resize.
-func trimToGeometry(fsys vfs.FS, path string, p Params) error {
-	ss := p.SectorSize
-	last := p.Segments() - 1
-	lastName := segment.Name(path, last)
-	if p.Layout == LayoutSparse {
-		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
-		if err != nil {
-			return fmt.Errorf("open LUT: %w", err)
-		}
-		defer f.Close()
-		size, err := f.Size()
-		if err != nil {
-			return err
-		}
-		want := p.Sectors() * lut.EntrySize
-		if size > want {
-			perSeg := p.Split / ss
-			segEnd := min((int64(last)+1)*perSeg*lut.EntrySize, size)
-			if segEnd > want {
-				buf := make([]byte, segEnd-want)
-				if _, err := f.ReadAt(buf, want); err != nil {
-					return fmt.Errorf("read LUT tail: %w", err)
-				}
-				live, err := readEntries(f, p, last)
-				if err != nil {
-					return err
-				}
-				if err := punchSlots(fsys, lastName, ss, buf, live); err != nil {
-					return err
-				}
-			}
-			if err := f.Truncate(want); err != nil {
-				return fmt.Errorf("truncate LUT to %d: %w", want, err)
-			}
-			if err := f.Sync(); err != nil {
-				return fmt.Errorf("sync LUT: %w", err)
-			}
-		}
-	}
-	removed := false
-	for i := last + 1; ; i++ {
-		r, err := removeIfExists(fsys, segment.Name(path, i))
-		if err != nil {
-			return err
-		}
-		if !r {
-			break
-		}
-		removed = true
-	}
-	if removed {
-		if err := syncDirOf(fsys, path); err != nil {
-			return err
-		}
-	}
-	if p.Layout == LayoutSplit {
-		want := min(p.Split, p.Size-int64(last)*p.Split)
-		if fi, err := fsys.Stat(lastName); err == nil && fi.Size() > want {
-			return truncateFile(fsys, lastName, want, false)
-		}
-	}
-	return nil
-}
-
-// punchSlots punches the slots named by the encoded LUT entries raw in the
-// segment file name, except slots that a live entry references: the tail
-// of a LUT left by a crashed grow can hold garbage (zeros), and punching
-// a slot nothing live references is always safe.
-func punchSlots(fsys vfs.FS, name string, ss int64, raw []byte, live []uint32) error {
-	keep := make(map[uint32]bool, len(live))
-	for _, v := range live {
-		keep[v] = true
-	}
-	f, err := fsys.OpenFile(name, os.O_RDWR, 0)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		return err
-	}
-	defer f.Close()
-	size, err := f.Size()
-	if err != nil {
-		return err
-	}
-	punched := false
-	for _, v := range decodeEntries(raw) {
-		if v != lut.Unallocated && !keep[v] && int64(v) < size/ss {
-			keep[v] = true
-			if err := f.PunchHole(int64(v)*ss, ss); err != nil {
-				return fmt.Errorf("punch slot %d of %s: %w", v, name, err)
-			}
-			punched = true
-		}
-	}
-	if punched {
-		return f.Sync()
-	}
-	return nil
-}
-
 // resizeRaw resizes a plain raw image file.
 func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (*ResizeReport, error) {
 	rep := &ResizeReport{Image: path, OldSize: cur, NewSize: newSize, FirstDropped: -1}
@@ -461,7 +310,7 @@ func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (
 		if !o.AllowShrink {
 			return nil, fmt.Errorf("%w: %s: new size %d is smaller than %d; shrinking needs --shrink", ErrInvalid, path, newSize, cur)
 		}
-		p := Params{Layout: LayoutSplit, Size: cur, Split: cur, SectorSize: 512}
+		p := format.Params{Layout: format.LayoutSplit, Size: cur, Split: cur, SectorSize: 512}
 		if err := findDataPastEndRaw(fsys, path, p, newSize, rep, o); err != nil {
 			return nil, err
 		}
@@ -473,11 +322,11 @@ func resizeRaw(fsys vfs.FS, path string, cur, newSize int64, o *ResizeOptions) (
 	if newSize == cur {
 		return rep, nil
 	}
-	return rep, truncateFile(fsys, path, newSize, false)
+	return rep, format.TruncateFile(fsys, path, newSize, false)
 }
 
 // findDataPastEndRaw is findDataPastEnd for one plain file.
-func findDataPastEndRaw(fsys vfs.FS, path string, p Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
+func findDataPastEndRaw(fsys vfs.FS, path string, p format.Params, newSize int64, rep *ResizeReport, o *ResizeOptions) error {
 	buf := make([]byte, 1<<20)
 	for off := newSize; off < p.Size; {
 		c := min(int64(len(buf)), p.Size-off)

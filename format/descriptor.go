@@ -1,4 +1,4 @@
-package blockif
+package format
 
 import (
 	"bufio"
@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/dustin/go-humanize"
+	"github.com/sparsedisk/sparsedisk/lut"
 	"github.com/sparsedisk/sparsedisk/vfs"
 )
 
@@ -35,13 +36,13 @@ const (
 	StateDirty = "dirty"
 )
 
-// Limits of the format (DESIGN.md §2).
+// Limits of the format (FORMAT.md, section 4).
 const (
 	MinSectorSize     = 512
 	MaxSectorSize     = 65536
 	DefaultSectorSize = 4096
 	DefaultSplit      = 1 << 30
-	maxDescriptor     = 64 << 10 // a descriptor file is never larger
+	MaxDescriptorSize = 64 << 10 // a descriptor file is never larger
 )
 
 // Params are an image's geometry.
@@ -50,7 +51,14 @@ type Params struct {
 	Size       int64  `json:"size"`        // virtual disk size in bytes
 	Split      int64  `json:"split"`       // bytes per segment (sparse, split)
 	SectorSize int64  `json:"sector_size"` // bytes per sector (LUT granularity)
+	// LUT is the encoding of a sparse image's LUT entries; "" is
+	// lut.Xhyve (the descriptor has no `lut` key). Other layouts have
+	// none.
+	LUT lut.Kind `json:"lut,omitempty"`
 }
+
+// LUTKind is the image's LUT encoding: p.LUT, or lut.Xhyve if unset.
+func (p Params) LUTKind() lut.Kind { return p.LUT.Or() }
 
 // Segments is the number of segment files the geometry needs.
 func (p Params) Segments() int {
@@ -80,6 +88,12 @@ func (p Params) Validate() error {
 	}
 	if p.Size <= 0 {
 		return fmt.Errorf("%w: size %d must be positive", ErrInvalid, p.Size)
+	}
+	if p.Layout != LayoutSparse && p.LUT != "" {
+		return fmt.Errorf("%w: lut=%s: only the sparse layout has a LUT", ErrInvalid, p.LUT)
+	}
+	if _, err := lut.ParseKind(string(p.LUT)); err != nil {
+		return err
 	}
 	if p.Layout == LayoutRaw {
 		return nil
@@ -144,7 +158,7 @@ func HumanSize(n int64) string {
 // # On-disk format
 //
 // A UTF-8 text file of `key = value` lines; `#` starts a comment; blank
-// lines are ignored; unknown keys are an error. Keys:
+// lines are ignored; unknown keys are an error (FORMAT.md, section 3). Keys:
 //
 //	| key        | value                                  | required |
 //	|------------|----------------------------------------|----------|
@@ -153,6 +167,7 @@ func HumanSize(n int64) string {
 //	| size       | bytes (k/m/g/t/p suffixes accepted)    | yes      |
 //	| split      | bytes per segment                      | yes      |
 //	| sectorsize | bytes per sector                       | yes      |
+//	| lut        | xhyve or thin (sparse; absent = xhyve) | no       |
 //	| state      | clean or dirty (open for writing)      | no       |
 //	| intent     | an offline tool's unfinished operation | no       |
 type Descriptor struct {
@@ -166,7 +181,7 @@ func ParseDescriptor(data []byte, name string) (Descriptor, error) {
 	var d Descriptor
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 4096), maxDescriptor)
+	sc.Buffer(make([]byte, 4096), MaxDescriptorSize)
 	line := 0
 	for sc.Scan() {
 		line++
@@ -207,6 +222,19 @@ func ParseDescriptor(data []byte, name string) (Descriptor, error) {
 			d.Split, err = ParseSize(val)
 		case "sectorsize":
 			d.SectorSize, err = ParseSize(val)
+		case "lut":
+			k, kerr := lut.ParseKind(val)
+			if val == "" {
+				kerr = fmt.Errorf("%w: lut key with no value (this version knows xhyve, thin)", lut.ErrUnknownKind)
+			}
+			if kerr != nil {
+				// Not ErrInvalid: the image is not corrupt, this version
+				// cannot read it (a newer one wrote it).
+				return d, fmt.Errorf("descriptor %s line %d: %w", name, line, kerr)
+			}
+			if k != lut.Xhyve {
+				d.LUT = k // the default is kept as "", as when absent
+			}
 		case "state":
 			if val != StateClean && val != StateDirty {
 				return d, bad("state %q (want clean or dirty)", val)
@@ -247,6 +275,13 @@ func (d Descriptor) Marshal() []byte {
 	fmt.Fprintf(&b, "%-26s # %s\n", fmt.Sprintf("size = %d", d.Size), humanize.IBytes(uint64(d.Size)))
 	fmt.Fprintf(&b, "%-26s # %s\n", fmt.Sprintf("split = %d", d.Split), humanize.IBytes(uint64(d.Split)))
 	fmt.Fprintf(&b, "sectorsize = %d\n", d.SectorSize)
+	if d.LUT != "" && d.LUT != lut.Xhyve {
+		// Only a non-default kind is written: an xhyve image's descriptor
+		// stays byte-identical to what earlier versions wrote (and they
+		// can still open it, while they refuse a `lut` key they do not
+		// know: right for a thin LUT they would misread).
+		fmt.Fprintf(&b, "lut = %s\n", d.LUT)
+	}
 	state := d.State
 	if state == "" {
 		state = StateClean
@@ -263,24 +298,23 @@ func (d Descriptor) Marshal() []byte {
 // are not open; an open Disk rewrites its own descriptor so that its lock
 // moves to the new file.
 func WriteDescriptor(fsys vfs.FS, path string, d Descriptor) error {
-	_, err := replaceDescriptor(fsys, path, d, false, false)
+	_, err := replaceDescriptor(fsys, path, d.Marshal(), false, false)
 	return err
 }
 
-// replaceDescriptor writes d to a temp file, fsyncs it, and renames it over
+// replaceDescriptor writes data to a temp file, fsyncs it, and renames it over
 // path, fsyncing the directory. With lock, the temp file is locked (in the
 // given mode) before it becomes visible at path, and that lock is returned:
 // no other process can take it in between.
-func replaceDescriptor(fsys vfs.FS, path string, d Descriptor, lock, exclusive bool) (vfs.Lock, error) {
+func replaceDescriptor(fsys vfs.FS, path string, data []byte, lock, exclusive bool) (vfs.Lock, error) {
 	if fsys == nil {
 		fsys = vfs.OS{}
 	}
-	tmp := path + ".tmp"
+	tmp := TempName(path)
 	f, err := fsys.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("write descriptor: %w", err)
 	}
-	data := d.Marshal()
 	if _, err := f.WriteAt(data, 0); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("write descriptor %s: %w", tmp, err)
@@ -325,7 +359,7 @@ func ReadDescriptor(fsys vfs.FS, path string) (Descriptor, error) {
 	return ParseDescriptor(data, path)
 }
 
-// readSmall reads a whole file of at most maxDescriptor bytes.
+// readSmall reads a whole file of at most MaxDescriptorSize bytes.
 func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 	f, err := fsys.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
@@ -336,7 +370,7 @@ func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if size > maxDescriptor {
+	if size > MaxDescriptorSize {
 		return nil, fmt.Errorf("%w: descriptor %s is %d bytes, larger than any descriptor", ErrInvalid, path, size)
 	}
 	buf := make([]byte, size)
@@ -345,4 +379,24 @@ func readSmall(fsys vfs.FS, path string) ([]byte, error) {
 		err = nil
 	}
 	return buf[:n], err
+}
+
+// IsDescriptor tells whether path, a file of size bytes, holds a sparsedisk
+// descriptor (as opposed to a raw image). A file with segments or a LUT
+// beside it must be one.
+func IsDescriptor(fsys vfs.FS, path string, size int64) (bool, error) {
+	if _, err := fsys.Stat(SegmentName(path, 0)); err == nil {
+		return true, nil
+	}
+	if _, err := fsys.Stat(LUTName(path)); err == nil {
+		return true, nil
+	}
+	if size > MaxDescriptorSize || size == 0 {
+		return false, nil
+	}
+	data, err := readSmall(fsys, path)
+	if err != nil {
+		return false, err
+	}
+	return bytes.HasPrefix(data, []byte("# sparsedisk")) || bytes.HasPrefix(data, []byte("format")), nil
 }

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"bytes"
@@ -7,6 +7,9 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 )
 
 // copyFixture copies testdata/xhyve/NAME* into a temp dir.
@@ -35,18 +38,18 @@ func TestXhyveAdopt(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(path, nil); !errors.Is(err, ErrNotAdopted) {
-		t.Fatalf("Open before adopt: %v, want ErrNotAdopted", err)
+	if _, err := blockif.Open(path, nil); !errors.Is(err, blockif.ErrNotAdopted) {
+		t.Fatalf("Open before adopt: %v, want blockif.ErrNotAdopted", err)
 	}
-	p := Params{Layout: LayoutSparse, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}
+	p := format.Params{Layout: format.LayoutSparse, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}
 	// Wrong parameters are refused, and write nothing.
-	for _, bad := range []Params{
-		{Size: 64 << 10, Split: 32 << 10, SectorSize: 512},                      // LUT too long for this size
-		{Size: 96 << 10, Split: 32 << 10, SectorSize: 4096},                     // LUT length mismatch
-		{Size: 96 << 10, Split: 16 << 10, SectorSize: 512},                      // entries past segment ends
-		{Size: 128 << 10, Split: 32 << 10, SectorSize: 512},                     // segment missing / LUT short
-		{Size: 96 << 10, Split: 40 << 10, SectorSize: 512},                      // same segment count, entries cut wrong: shared slots
-		{Layout: LayoutSplit, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}, // a LUT exists: not a split image
+	for _, bad := range []format.Params{
+		{Size: 64 << 10, Split: 32 << 10, SectorSize: 512},                             // LUT too long for this size
+		{Size: 96 << 10, Split: 32 << 10, SectorSize: 4096},                            // LUT length mismatch
+		{Size: 96 << 10, Split: 16 << 10, SectorSize: 512},                             // entries past segment ends
+		{Size: 128 << 10, Split: 32 << 10, SectorSize: 512},                            // segment missing / LUT short
+		{Size: 96 << 10, Split: 40 << 10, SectorSize: 512},                             // same segment count, entries cut wrong: shared slots
+		{Layout: format.LayoutSplit, Size: 96 << 10, Split: 32 << 10, SectorSize: 512}, // a LUT exists: not a split image
 	} {
 		if err := Adopt(path, bad, nil); err == nil {
 			t.Errorf("Adopt(%+v) accepted wrong parameters", bad)
@@ -59,7 +62,7 @@ func TestXhyveAdopt(t *testing.T) {
 		t.Fatalf("Adopt: %v", err)
 	}
 	t.Cleanup(func() { mustCheck(t, path, nil, false) })
-	d := mustOpen(t, path, &Options{ReadOnly: true})
+	d := mustOpen(t, path, &blockif.Options{ReadOnly: true})
 	got := make([]byte, d.Size())
 	if _, err := d.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
@@ -81,7 +84,7 @@ func TestXhyveAdopt(t *testing.T) {
 		t.Fatal(err)
 	}
 	copy(want[1000:], "hello")
-	d = mustOpen(t, path, &Options{ReadOnly: true})
+	d = mustOpen(t, path, &blockif.Options{ReadOnly: true})
 	defer d.Close()
 	if _, err := d.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
@@ -93,7 +96,7 @@ func TestXhyveAdopt(t *testing.T) {
 	if _, err := os.Stat(path + ".0003"); err != nil {
 		t.Error(err)
 	}
-	if err := Adopt(path, p, nil); !errors.Is(err, ErrExist) || !strings.Contains(err.Error(), path) {
+	if err := Adopt(path, p, nil); !errors.Is(err, blockif.ErrExist) || !strings.Contains(err.Error(), path) {
 		t.Errorf("second Adopt: %v", err)
 	}
 }
@@ -103,7 +106,7 @@ func TestXhyveAdopt(t *testing.T) {
 // at the wrong places, so slots get claimed twice; adopt must see that
 // rather than write a descriptor that serves wrong data.
 func TestAdoptWrongSplitSharedSlots(t *testing.T) {
-	p := Params{Layout: LayoutSparse, Size: 1 << 20, Split: 256 << 10, SectorSize: 512}
+	p := format.Params{Layout: format.LayoutSparse, Size: 1 << 20, Split: 256 << 10, SectorSize: 512}
 	path := testImageNoCheck(t, p)
 	d := mustOpen(t, path, nil)
 	if _, err := d.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 0); err != nil {
@@ -131,7 +134,7 @@ func TestAdoptWrongSplitSharedSlots(t *testing.T) {
 // size the LUT actually holds.
 func TestAdoptSizeHint(t *testing.T) {
 	path := copyFixture(t, "hdd512.img")
-	err := Adopt(path, Params{Layout: LayoutSparse, Size: 96<<10 + 100, Split: 32 << 10, SectorSize: 512}, nil)
+	err := Adopt(path, format.Params{Layout: format.LayoutSparse, Size: 96<<10 + 100, Split: 32 << 10, SectorSize: 512}, nil)
 	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "adopt with size=98304") {
 		t.Fatalf("Adopt with size 96k+100: %v, want the hint size=98304", err)
 	}

@@ -1,4 +1,4 @@
-package blockif
+package offline
 
 import (
 	"errors"
@@ -7,11 +7,11 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"sync"
 
+	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
@@ -28,10 +28,13 @@ type ConvertOptions struct {
 	// system's.
 	FS vfs.FS
 	// Layout of the destination; "" means sparse.
-	Layout Layout
+	Layout format.Layout
 	// Split and SectorSize of the destination; 0 takes the source's (or
 	// the defaults for a raw source).
 	Split, SectorSize int64
+	// LUT is a sparse destination's LUT kind; "" takes a sparse source's,
+	// else the default (lut.Xhyve).
+	LUT lut.Kind
 	// Overwrite allows replacing an existing destination.
 	Overwrite bool
 	// Workers is the number of parallel copiers; 0 means GOMAXPROCS.
@@ -43,9 +46,9 @@ type ConvertOptions struct {
 
 // ConvertReport tells what Convert did.
 type ConvertReport struct {
-	Src    string `json:"src"`
-	Dst    string `json:"dst"`
-	Params Params `json:"params"`
+	Src    string        `json:"src"`
+	Dst    string        `json:"dst"`
+	Params format.Params `json:"params"`
 	// DataBytes counts the bytes written: non-zero sectors at the
 	// destination's sector size.
 	DataBytes int64 `json:"data_bytes"`
@@ -70,10 +73,10 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 	if filepath.Clean(src) == filepath.Clean(dst) {
 		return nil, fmt.Errorf("%w: source and destination are the same file %s", ErrInvalid, src)
 	}
-	if partOf(dst, src) || partOf(src, dst) {
+	if format.PartOf(dst, src) || format.PartOf(src, dst) {
 		return nil, fmt.Errorf("%w: %s and %s are files of the same image (its segments are NAME.0000…, its LUT NAME.lut)", ErrInvalid, src, dst)
 	}
-	in, err := Open(src, &Options{FS: fsys, ReadOnly: true})
+	in, err := blockif.Open(src, &blockif.Options{FS: fsys, ReadOnly: true})
 	if err != nil {
 		return nil, fmt.Errorf("open source: %w", err)
 	}
@@ -83,9 +86,9 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 		return nil, err
 	}
 	if !o.Overwrite {
-		for _, name := range []string{dst, dst + lut.Suffix, segment.Name(dst, 0)} {
+		for _, name := range []string{dst, dst + lut.Suffix, format.SegmentName(dst, 0)} {
 			if _, err := fsys.Stat(name); err == nil {
-				return nil, fmt.Errorf("%w: %s (use --overwrite to replace it)", ErrExist, name)
+				return nil, fmt.Errorf("%w: %s (use --overwrite to replace it)", blockif.ErrExist, name)
 			} else if !errors.Is(err, fs.ErrNotExist) {
 				return nil, err
 			}
@@ -99,20 +102,20 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 	// as a prefix are not ours to delete).
 	oldImage := false
 	if fi, err := fsys.Stat(dst); err == nil {
-		l, err := lockOffline(fsys, dst, true)
+		l, err := format.LockImage(fsys, dst, true)
 		if err != nil {
 			return nil, fmt.Errorf("replace %s: %w", dst, err)
 		}
 		defer l.Close()
-		if fi.Size() <= maxDescriptor {
-			if _, err := ReadDescriptor(fsys, dst); err == nil {
+		if fi.Size() <= format.MaxDescriptorSize {
+			if _, err := format.ReadDescriptor(fsys, dst); err == nil {
 				oldImage = true
 			}
 		}
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
-	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".converting")
+	tmp := format.ConvertingName(dst)
 	if err := removeImageFiles(fsys, tmp); err != nil {
 		return nil, err
 	}
@@ -122,10 +125,10 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 			removeImageFiles(fsys, tmp)
 		}
 	}()
-	if err := Create(tmp, p, &Options{FS: fsys}); err != nil {
+	if err := blockif.Create(tmp, p, &blockif.Options{FS: fsys}); err != nil {
 		return nil, err
 	}
-	out, err := Open(tmp, &Options{FS: fsys})
+	out, err := blockif.Open(tmp, &blockif.Options{FS: fsys})
 	if err != nil {
 		return nil, err
 	}
@@ -145,36 +148,47 @@ func Convert(src, dst string, o *ConvertOptions) (*ConvertReport, error) {
 }
 
 // convertParams works out the destination geometry.
-func convertParams(in *Disk, o *ConvertOptions) (Params, error) {
+func convertParams(in *blockif.Disk, o *ConvertOptions) (format.Params, error) {
 	sp := in.Params()
-	p := Params{Layout: o.Layout, Size: sp.Size, Split: o.Split, SectorSize: o.SectorSize}
+	p := format.Params{Layout: o.Layout, Size: sp.Size, Split: o.Split, SectorSize: o.SectorSize}
 	if p.Layout == "" {
-		p.Layout = LayoutSparse
+		p.Layout = format.LayoutSparse
 	}
 	if p.SectorSize == 0 {
 		switch {
-		case sp.Layout != LayoutRaw:
+		case sp.Layout != format.LayoutRaw:
 			p.SectorSize = sp.SectorSize
-		case p.Layout == LayoutRaw || p.Size%DefaultSectorSize != 0:
+		case p.Layout == format.LayoutRaw || p.Size%format.DefaultSectorSize != 0:
 			p.SectorSize = 512
 		default:
-			p.SectorSize = DefaultSectorSize
+			p.SectorSize = format.DefaultSectorSize
 		}
 	}
-	if p.Layout == LayoutRaw {
+	if p.Layout == format.LayoutSparse {
+		p.LUT = o.LUT
+		if p.LUT == "" && sp.Layout == format.LayoutSparse {
+			p.LUT = sp.LUT
+		}
+		if p.LUT == lut.Xhyve {
+			p.LUT = ""
+		}
+	} else if o.LUT != "" {
+		return p, fmt.Errorf("%w: lut=%s: only a sparse destination has a LUT", ErrInvalid, o.LUT)
+	}
+	if p.Layout == format.LayoutRaw {
 		p.Split = 0
 	} else if p.Split == 0 {
-		if sp.Layout != LayoutRaw && sp.Split%p.SectorSize == 0 {
+		if sp.Layout != format.LayoutRaw && sp.Split%p.SectorSize == 0 {
 			p.Split = sp.Split
 		} else {
-			p.Split = DefaultSplit
+			p.Split = format.DefaultSplit
 		}
 		if p.Split > p.Size {
 			p.Split = (p.Size + p.SectorSize - 1) / p.SectorSize * p.SectorSize
 		}
 	}
 	if err := p.Validate(); err != nil {
-		if sp.Layout == LayoutRaw && p.Size%p.SectorSize != 0 {
+		if sp.Layout == format.LayoutRaw && p.Size%p.SectorSize != 0 {
 			// Every layout but raw needs whole sectors; say how to get them.
 			up := (p.Size + p.SectorSize - 1) / p.SectorSize * p.SectorSize
 			return p, fmt.Errorf("destination: %w; the source is %d bytes, not a whole number of %d-byte sectors: "+
@@ -189,10 +203,10 @@ func convertParams(in *Disk, o *ConvertOptions) (Params, error) {
 // copyDisk copies every non-zero sector of in to out. A sparse
 // destination's segments are each copied in logical order by one worker,
 // so slots come out in logical order (no fragmentation).
-func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) error {
+func copyDisk(in, out *blockif.Disk, p format.Params, o *ConvertOptions, rep *ConvertReport) error {
 	size := p.Size
 	unit := int64(rawUnit)
-	if p.Layout == LayoutSparse {
+	if p.Layout == format.LayoutSparse {
 		unit = p.Split
 	}
 	type job struct{ off, n int64 }
@@ -228,7 +242,7 @@ func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) er
 		mu.Unlock()
 	}
 	var holes *holeFinder
-	if _, isOS := o.FS.(vfs.OS); (o.FS == nil || isOS) && in.Params().Layout != LayoutSparse {
+	if _, isOS := o.FS.(vfs.OS); (o.FS == nil || isOS) && in.Params().Layout != format.LayoutSparse {
 		holes = newHoleFinder(in)
 		defer holes.close()
 	}
@@ -258,12 +272,12 @@ func copyDisk(in, out *Disk, p Params, o *ConvertOptions, rep *ConvertReport) er
 
 // copyRange copies [off, off+n) in chunks, skipping the source's holes and
 // the destination sectors that are all zeros.
-func copyRange(in, out *Disk, holes *holeFinder, ss int64, buf []byte, off, n int64, progress func(n, data int64)) error {
-	sparseIn := in.Params().Layout == LayoutSparse
+func copyRange(in, out *blockif.Disk, holes *holeFinder, ss int64, buf []byte, off, n int64, progress func(n, data int64)) error {
+	sparseIn := in.Params().Layout == format.LayoutSparse
 	for pos := off; pos < off+n; {
 		c := min(int64(len(buf)), off+n-pos)
 		chunk := buf[:c]
-		var exts []Extent
+		var exts []blockif.Extent
 		if sparseIn {
 			var err error
 			if exts, err = in.Extents(pos, c); err != nil {
@@ -272,7 +286,14 @@ func copyRange(in, out *Disk, holes *holeFinder, ss int64, buf []byte, off, n in
 		} else if holes != nil {
 			exts = holes.extents(pos, c)
 		} else {
-			exts = []Extent{{Offset: pos, Length: c, Allocated: true}}
+			exts = []blockif.Extent{{Offset: pos, Length: c, Allocated: true}}
+		}
+		if len(exts) == 1 && !exts[0].Allocated {
+			// Nothing to read or write: a huge, mostly empty source is
+			// walked at the cost of its extents, not of its size.
+			progress(c, 0)
+			pos += c
+			continue
 		}
 		for _, e := range exts {
 			b := chunk[e.Offset-pos : e.Offset-pos+e.Length]
@@ -312,14 +333,14 @@ func copyRange(in, out *Disk, holes *holeFinder, ss int64, buf []byte, off, n in
 // removeImageFiles removes an image's descriptor, LUT and every segment
 // file (missing ones are fine).
 func removeImageFiles(fsys vfs.FS, path string) error {
-	names := []string{path, path + lut.Suffix, path + ".tmp"}
+	names := []string{path, format.LUTName(path), format.TempName(path)}
 	for _, name := range names {
-		if _, err := removeIfExists(fsys, name); err != nil {
+		if _, err := format.RemoveIfExists(fsys, name); err != nil {
 			return err
 		}
 	}
 	for i := 0; ; i++ {
-		r, err := removeIfExists(fsys, segment.Name(path, i))
+		r, err := format.RemoveIfExists(fsys, format.SegmentName(path, i))
 		if err != nil {
 			return err
 		}
@@ -327,43 +348,43 @@ func removeImageFiles(fsys vfs.FS, path string) error {
 			break
 		}
 	}
-	return syncDirOf(fsys, path)
+	return format.SyncDirOf(fsys, path)
 }
 
 // installImage renames the finished image tmp to dst: an existing dst is
 // removed descriptor first (so it never looks whole with mixed files),
 // with its segments and LUT if oldImage, and the new descriptor is renamed
 // last.
-func installImage(fsys vfs.FS, tmp, dst string, p Params, oldImage bool) error {
+func installImage(fsys vfs.FS, tmp, dst string, p format.Params, oldImage bool) error {
 	remove := removeImageFiles
 	if !oldImage {
 		remove = func(fsys vfs.FS, name string) error {
-			_, err := removeIfExists(fsys, name)
+			_, err := format.RemoveIfExists(fsys, name)
 			return err
 		}
 	}
 	if err := remove(fsys, dst); err != nil {
 		return fmt.Errorf("remove old %s: %w", dst, err)
 	}
-	if p.Layout != LayoutRaw {
+	if p.Layout != format.LayoutRaw {
 		for i := 0; i < p.Segments(); i++ {
-			if err := fsys.Rename(segment.Name(tmp, i), segment.Name(dst, i)); err != nil {
+			if err := fsys.Rename(format.SegmentName(tmp, i), format.SegmentName(dst, i)); err != nil {
 				return fmt.Errorf("rename segment %d into place: %w", i, err)
 			}
 		}
-		if p.Layout == LayoutSparse {
+		if p.Layout == format.LayoutSparse {
 			if err := fsys.Rename(tmp+lut.Suffix, dst+lut.Suffix); err != nil {
 				return fmt.Errorf("rename LUT into place: %w", err)
 			}
 		}
-		if err := syncDirOf(fsys, dst); err != nil {
+		if err := format.SyncDirOf(fsys, dst); err != nil {
 			return err
 		}
 	}
 	if err := fsys.Rename(tmp, dst); err != nil {
 		return fmt.Errorf("rename %s into place: %w", dst, err)
 	}
-	return syncDirOf(fsys, dst)
+	return format.SyncDirOf(fsys, dst)
 }
 
 // holeFinder finds the data regions of a raw or split source on the
@@ -375,13 +396,13 @@ type holeFinder struct {
 	files []*os.File // per segment; nil if it could not be opened
 }
 
-func newHoleFinder(in *Disk) *holeFinder {
+func newHoleFinder(in *blockif.Disk) *holeFinder {
 	p := in.Params()
 	h := &holeFinder{split: p.Split}
 	for i := 0; i < p.Segments(); i++ {
 		name := in.Path()
-		if p.Layout != LayoutRaw {
-			name = segment.Name(in.Path(), i)
+		if p.Layout != format.LayoutRaw {
+			name = format.SegmentName(in.Path(), i)
 		}
 		f, err := os.Open(name)
 		if err != nil {
@@ -402,8 +423,8 @@ func (h *holeFinder) close() {
 
 // extents describes [pos, pos+n) of the disk as data and hole runs that
 // cover it exactly, in order.
-func (h *holeFinder) extents(pos, n int64) []Extent {
-	var out []Extent
+func (h *holeFinder) extents(pos, n int64) []blockif.Extent {
+	var out []blockif.Extent
 	add := func(o, l int64, a bool) {
 		if l <= 0 {
 			return
@@ -412,7 +433,7 @@ func (h *holeFinder) extents(pos, n int64) []Extent {
 			out[k].Length += l
 			return
 		}
-		out = append(out, Extent{Offset: o, Length: l, Allocated: a})
+		out = append(out, blockif.Extent{Offset: o, Length: l, Allocated: a})
 	}
 	end := pos + n
 	for pos < end {
@@ -459,26 +480,4 @@ func (h *holeFinder) extents(pos, n int64) []Extent {
 		}
 	}
 	return out
-}
-
-// partOf reports whether file is one of the segment or LUT files that
-// belong beside the image path img (img.lut, img.0000, img.0001, …).
-func partOf(file, img string) bool {
-	file, img = filepath.Clean(file), filepath.Clean(img)
-	rest, ok := strings.CutPrefix(file, img+".")
-	if !ok {
-		return false
-	}
-	if rest == strings.TrimPrefix(lut.Suffix, ".") {
-		return true
-	}
-	if len(rest) < 4 {
-		return false
-	}
-	for _, c := range rest {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
 }

@@ -1,35 +1,13 @@
-package blockif
+package offline
 
 import (
-	"encoding/binary"
-	"errors"
 	"fmt"
-	"hash/crc32"
-	"io"
-	"io/fs"
 	"os"
 	"slices"
 
+	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/lut"
-	"github.com/sparsedisk/sparsedisk/segment"
 	"github.com/sparsedisk/sparsedisk/vfs"
-)
-
-// Shrink's on-disk artefacts, beside the image P:
-//
-//	| file              | content                                          |
-//	|-------------------|--------------------------------------------------|
-//	| P.%04d.shrink     | the compacted copy of one segment being built    |
-//	| P.shrink-journal  | the new LUT entries of that segment (see below)  |
-//
-// Journal format (little-endian): magic "SDSHRNK1" (8 bytes), segment index
-// (uint32), entry count n (uint32), n entries (uint32 each), CRC-32 (IEEE)
-// of everything before it (uint32). A journal that is short or fails its
-// CRC was never committed and is ignored.
-const (
-	shrinkTmpSuffix = ".shrink"
-	shrinkJournal   = ".shrink-journal"
-	journalMagic    = "SDSHRNK1"
 )
 
 // shrinkChunk is the unit of reads and writes while compacting.
@@ -90,12 +68,12 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 	if _, err := fsys.Stat(path); err != nil {
 		return nil, fmt.Errorf("shrink: %w", err)
 	}
-	lock, err := lockOffline(fsys, path, !o.DryRun)
+	lock, err := format.LockImage(fsys, path, !o.DryRun)
 	if err != nil {
 		return nil, err
 	}
 	defer lock.Close()
-	desc, err := ReadDescriptor(fsys, path)
+	desc, err := format.ReadDescriptor(fsys, path)
 	if err != nil {
 		return nil, err
 	}
@@ -103,12 +81,12 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		if o.DryRun {
 			return nil, fmt.Errorf("%w: %s: intent %q pending; run shrink without --dry-run to finish it", ErrIntent, path, desc.Intent)
 		}
-		if err := finishIntent(fsys, path, desc, lock.write); err != nil {
+		if err := format.FinishIntent(fsys, path, desc, lock.Write); err != nil {
 			return nil, err
 		}
 		desc.Intent = ""
 	}
-	if desc.Layout != LayoutSparse {
+	if desc.Layout != format.LayoutSparse {
 		return nil, fmt.Errorf("%w: %s has layout %s; only sparse images can be shrunk (convert it to sparse)", ErrInvalid, path, desc.Layout)
 	}
 	sh := &shrinker{fsys: fsys, path: path, p: desc.Params, o: o,
@@ -148,7 +126,7 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		return nil, err
 	}
 	if !o.DryRun {
-		if err := lock.setIntent(&desc, IntentShrink); err != nil {
+		if err := lock.SetIntent(&desc, format.IntentShrink); err != nil {
 			return nil, err
 		}
 	}
@@ -161,8 +139,8 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 		sh.rep.BytesAfter = sh.rep.LiveBytes + desc.Sectors()*lut.EntrySize
 		return sh.rep, nil
 	}
-	desc.Intent, desc.State = "", StateClean
-	if err := lock.write(desc); err != nil {
+	desc.Intent, desc.State = "", format.StateClean
+	if err := lock.Write(desc); err != nil {
 		return nil, err
 	}
 	if sh.rep.BytesAfter, err = sh.allocated(); err != nil {
@@ -175,7 +153,7 @@ func Shrink(path string, o *ShrinkOptions) (*ShrinkReport, error) {
 type shrinker struct {
 	fsys  vfs.FS
 	path  string
-	p     Params
+	p     format.Params
 	o     *ShrinkOptions
 	lut   vfs.File
 	rep   *ShrinkReport
@@ -185,44 +163,15 @@ type shrinker struct {
 
 // load reads segment i's LUT entries and its file's length.
 func (sh *shrinker) load(i int) ([]uint32, int64, error) {
-	e, err := readEntries(sh.lut, sh.p, i)
+	e, err := format.ReadEntries(sh.lut, sh.p, i)
 	if err != nil {
 		return nil, 0, err
 	}
-	fi, err := sh.fsys.Stat(segment.Name(sh.path, i))
+	fi, err := sh.fsys.Stat(format.SegmentName(sh.path, i))
 	if err != nil {
 		return nil, 0, fmt.Errorf("%w: segment %d: %w", ErrCorrupt, i, err)
 	}
 	return e, fi.Size(), nil
-}
-
-// readEntries reads segment i's LUT entries from the LUT file f.
-func readEntries(f vfs.File, p Params, i int) ([]uint32, error) {
-	perSeg := p.Split / p.SectorSize
-	first := int64(i) * perSeg
-	n := min(perSeg, p.Sectors()-first)
-	buf := make([]byte, n*lut.EntrySize)
-	got, err := f.ReadAt(buf, first*lut.EntrySize)
-	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("read LUT of segment %d at offset %d: %w", i, first*lut.EntrySize, err)
-	}
-	for k := got; k < len(buf); k++ {
-		buf[k] = 0xFF
-	}
-	e := make([]uint32, n)
-	for j := range e {
-		e[j] = binary.LittleEndian.Uint32(buf[j*lut.EntrySize:])
-	}
-	return e, nil
-}
-
-// encodeEntries renders LUT entries as they sit in the LUT file.
-func encodeEntries(e []uint32) []byte {
-	buf := make([]byte, len(e)*lut.EntrySize)
-	for j, v := range e {
-		binary.LittleEndian.PutUint32(buf[j*lut.EntrySize:], v)
-	}
-	return buf
 }
 
 // validateEntries refuses a segment whose entries point past its file or
@@ -238,7 +187,7 @@ func validateEntries(sh *shrinker, i int, e []uint32, size int64) error {
 		}
 		if int64(v) >= slots {
 			return fmt.Errorf("%w: segment %d sector %d: LUT entry points at slot %d past the end of %s (%d slots); run `sparsedisk check -r all` first",
-				ErrCorrupt, i, first+int64(j), v, segment.Name(sh.path, i), slots)
+				ErrCorrupt, i, first+int64(j), v, format.SegmentName(sh.path, i), slots)
 		}
 		if o, dup := owner[v]; dup {
 			return fmt.Errorf("%w: segment %d sectors %d and %d share slot %d; run `sparsedisk check -r all` first",
@@ -254,7 +203,7 @@ func (sh *shrinker) allocated() (int64, error) {
 	var total int64
 	names := []string{sh.path + lut.Suffix}
 	for i := 0; i < sh.p.Segments(); i++ {
-		names = append(names, segment.Name(sh.path, i))
+		names = append(names, format.SegmentName(sh.path, i))
 	}
 	for _, name := range names {
 		f, err := sh.fsys.OpenFile(name, os.O_RDONLY, 0)
@@ -274,8 +223,8 @@ func (sh *shrinker) allocated() (int64, error) {
 // compact rewrites segment i (see Shrink for the protocol).
 func (sh *shrinker) compact(i int) error {
 	ss := sh.p.SectorSize
-	name := segment.Name(sh.path, i)
-	tmpName := name + shrinkTmpSuffix
+	name := format.SegmentName(sh.path, i)
+	tmpName := format.ShrinkCopyName(sh.path, i)
 	e, size, err := sh.load(i)
 	if err != nil {
 		return err
@@ -369,7 +318,7 @@ func (sh *shrinker) compact(i int) error {
 		if dst != nil {
 			dst.Close()
 			dst = nil
-			if _, err := removeIfExists(sh.fsys, tmpName); err != nil {
+			if _, err := format.RemoveIfExists(sh.fsys, tmpName); err != nil {
 				return err
 			}
 		}
@@ -387,168 +336,12 @@ func (sh *shrinker) compact(i int) error {
 	}
 	dst = nil
 	// The copy's name must be durable before a journal can name it.
-	if err := syncDirOf(sh.fsys, sh.path); err != nil {
+	if err := format.SyncDirOf(sh.fsys, sh.path); err != nil {
 		return err
 	}
 	// Commit point of this segment: the journal with its new entries.
-	if err := writeJournal(sh.fsys, sh.path, i, newE); err != nil {
+	if err := format.WriteJournal(sh.fsys, sh.path, i, newE); err != nil {
 		return err
 	}
-	return redoSegment(sh.fsys, sh.path, sh.lut, sh.p, i, newE)
-}
-
-// writeJournal durably writes the journal for segment i (the file and its
-// directory entry, together with the compacted copy's).
-func writeJournal(fsys vfs.FS, path string, i int, e []uint32) error {
-	name := path + shrinkJournal
-	buf := make([]byte, 0, 8+8+len(e)*lut.EntrySize+4)
-	buf = append(buf, journalMagic...)
-	buf = binary.LittleEndian.AppendUint32(buf, uint32(i))
-	buf = binary.LittleEndian.AppendUint32(buf, uint32(len(e)))
-	buf = append(buf, encodeEntries(e)...)
-	buf = binary.LittleEndian.AppendUint32(buf, crc32.ChecksumIEEE(buf))
-	f, err := fsys.OpenFile(name, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o644)
-	if err != nil {
-		return fmt.Errorf("create shrink journal: %w", err)
-	}
-	if _, err := f.WriteAt(buf, 0); err != nil {
-		f.Close()
-		return fmt.Errorf("write shrink journal %s: %w", name, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync shrink journal %s: %w", name, err)
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return syncDirOf(fsys, path)
-}
-
-// readJournal returns the committed segment and entries, or ok=false if
-// there is no valid journal.
-func readJournal(fsys vfs.FS, path string, p Params) (seg int, e []uint32, ok bool, err error) {
-	data, err := readAll(fsys, path+shrinkJournal)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			return 0, nil, false, nil
-		}
-		return 0, nil, false, err
-	}
-	if len(data) < 20 || string(data[:8]) != journalMagic {
-		return 0, nil, false, nil
-	}
-	seg = int(binary.LittleEndian.Uint32(data[8:]))
-	n := int64(binary.LittleEndian.Uint32(data[12:]))
-	if int64(len(data)) != 16+n*lut.EntrySize+4 {
-		return 0, nil, false, nil
-	}
-	body := data[:len(data)-4]
-	if crc32.ChecksumIEEE(body) != binary.LittleEndian.Uint32(data[len(data)-4:]) {
-		return 0, nil, false, nil
-	}
-	perSeg := p.Split / p.SectorSize
-	if seg >= p.Segments() || n != min(perSeg, p.Sectors()-int64(seg)*perSeg) {
-		return 0, nil, false, fmt.Errorf("%w: shrink journal %s names segment %d with %d entries, which does not fit the image", ErrIntent, path+shrinkJournal, seg, n)
-	}
-	e = make([]uint32, n)
-	for j := range e {
-		e[j] = binary.LittleEndian.Uint32(data[16+j*lut.EntrySize:])
-	}
-	return seg, e, true, nil
-}
-
-// readAll reads a whole file.
-func readAll(fsys vfs.FS, name string) ([]byte, error) {
-	f, err := fsys.OpenFile(name, os.O_RDONLY, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	size, err := f.Size()
-	if err != nil {
-		return nil, err
-	}
-	buf := make([]byte, size)
-	n, err := f.ReadAt(buf, 0)
-	if n == len(buf) {
-		err = nil
-	}
-	return buf[:n], err
-}
-
-// redoSegment finishes a committed segment i: the compacted copy (if still
-// there) replaces the segment, the entries go into the LUT, and the
-// journal is removed. Every step is idempotent.
-func redoSegment(fsys vfs.FS, path string, lutFile vfs.File, p Params, i int, e []uint32) error {
-	name := segment.Name(path, i)
-	tmpName := name + shrinkTmpSuffix
-	if _, err := fsys.Stat(tmpName); err == nil {
-		if err := fsys.Rename(tmpName, name); err != nil {
-			return fmt.Errorf("rename %s into place: %w", tmpName, err)
-		}
-		if err := syncDirOf(fsys, path); err != nil {
-			return err
-		}
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return err
-	}
-	off := int64(i) * (p.Split / p.SectorSize) * lut.EntrySize
-	if _, err := lutFile.WriteAt(encodeEntries(e), off); err != nil {
-		return fmt.Errorf("write LUT of segment %d at offset %d: %w", i, off, err)
-	}
-	if err := lutFile.Sync(); err != nil {
-		return fmt.Errorf("sync LUT: %w", err)
-	}
-	if _, err := removeIfExists(fsys, path+shrinkJournal); err != nil {
-		return err
-	}
-	return syncDirOf(fsys, path)
-}
-
-// recoverShrink finishes the segment a valid journal commits and rolls
-// back any other compacted copy.
-func recoverShrink(fsys vfs.FS, path string, desc Descriptor) error {
-	seg, e, ok, err := readJournal(fsys, path, desc.Params)
-	if err != nil {
-		return err
-	}
-	if ok {
-		f, err := fsys.OpenFile(path+lut.Suffix, os.O_RDWR, 0)
-		if err != nil {
-			return fmt.Errorf("open LUT: %w", err)
-		}
-		err = redoSegment(fsys, path, f, desc.Params, seg, e)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		if err != nil {
-			return err
-		}
-	}
-	removed := false
-	for i := 0; i < desc.Segments(); i++ {
-		r, err := removeIfExists(fsys, segment.Name(path, i)+shrinkTmpSuffix)
-		if err != nil {
-			return err
-		}
-		removed = removed || r
-	}
-	r, err := removeIfExists(fsys, path+shrinkJournal)
-	if err != nil {
-		return err
-	}
-	if removed || r {
-		return syncDirOf(fsys, path)
-	}
-	return nil
-}
-
-// decodeEntries parses LUT entries as they sit in the LUT file.
-func decodeEntries(raw []byte) []uint32 {
-	e := make([]uint32, len(raw)/lut.EntrySize)
-	for j := range e {
-		e[j] = binary.LittleEndian.Uint32(raw[j*lut.EntrySize:])
-	}
-	return e
+	return format.RedoSegment(sh.fsys, sh.path, sh.lut, sh.p, i, newE)
 }
