@@ -23,7 +23,8 @@ build:
 
 ## test: install peers, then every test (unit, model, crash, peers, FUSE) with -race
 test: deps
-	$(GO) test $(TESTFLAGS) ./... 2>&1 | tee /tmp/sparsedisk-test.log; exit $${PIPESTATUS[0]}
+	@echo "# run: $(GO) test $(TESTFLAGS) ./..., $$(date -u +%FT%TZ), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > /tmp/sparsedisk-test.log
+	$(GO) test $(TESTFLAGS) ./... 2>&1 | tee -a /tmp/sparsedisk-test.log; exit $${PIPESTATUS[0]}
 	@FUZZTIME=$(CI_FUZZTIME) ./scripts/fuzz.sh
 
 ## check: formatting, vet, tidy modules
@@ -52,8 +53,10 @@ run: build
 
 ## crashtest: the long crash simulation (engine, 20000 rounds) and the process-kill harness (50 rounds over NBD and FUSE)
 crashtest: deps
-	SPARSEDISK_CRASH_ROUNDS=20000 $(GO) test -run 'TestCrash' -v -timeout 60m ./blockif/
-	SPARSEDISK_KILL_ROUNDS=50 $(GO) test -run 'TestKillCrash' -v -timeout 60m ./cmd/sparsedisk/
+	@echo "# run: make crashtest, $$(date -u +%FT%TZ), commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" > /tmp/sparsedisk-crashtest.log
+	SPARSEDISK_CRASH_ROUNDS=20000 $(GO) test -run 'TestCrash' -v -timeout 60m ./blockif/ 2>&1 | tee -a /tmp/sparsedisk-crashtest.log; exit $${PIPESTATUS[0]}
+	SPARSEDISK_KILL_ROUNDS=50 $(GO) test -run 'TestKillCrash' -v -timeout 60m ./cmd/sparsedisk/ 2>&1 | tee -a /tmp/sparsedisk-crashtest.log; exit $${PIPESTATUS[0]}
+	@echo "figures for TESTING.md: scripts/testing-figures.sh /tmp/sparsedisk-crashtest.log --update TESTING.md"
 
 ## soak: 16 connections of verified mixed I/O for 60 s against `sparsedisk serve` (a 10 s version runs in make test)
 soak: deps

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 )
 
 // A test binary that serves a FUSE mount must never itself touch that mount
@@ -29,14 +30,11 @@ import (
 // TestSharedMmap). Plain system calls (read, write, fsync, fallocate) are
 // safe: a goroutine in a system call is at a safe point for the runtime.
 // So everything that faults on mounted memory runs in a child process, the
-// test binary re-executed with childEnv set, against the mount served by
+// test binary re-executed by testutil.ChildCommand, against the mount served by
 // the parent, under a deadline.
 
-// childEnv names the role a re-executed test binary plays.
-const childEnv = "SPARSEDISK_FUSEFS_CHILD"
-
 func TestMain(m *testing.M) {
-	if role := os.Getenv(childEnv); role != "" {
+	if role := testutil.ChildRole(); role != "" {
 		if err := childMain(role); err != nil {
 			fmt.Fprintf(os.Stderr, "child %s: %v\n", role, err)
 			os.Exit(1)
@@ -103,8 +101,7 @@ var errChildDeadline = errors.New("child missed its deadline")
 func runChild(t testing.TB, m *Mount, timeout time.Duration, role string, env ...string) ([]byte, error) {
 	t.Helper()
 	var out bytes.Buffer
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(append(os.Environ(), childEnv+"="+role, "CHILD_PATH="+m.Path()), env...)
+	cmd := testutil.ChildCommand(role, append([]string{"CHILD_PATH=" + m.Path()}, env...))
 	cmd.Stdout, cmd.Stderr = &out, &out
 	cmd.WaitDelay = time.Second
 	if err := cmd.Start(); err != nil {
@@ -250,7 +247,7 @@ func (b *blockingBackend) ReadAt(p []byte, off int64) (int, error) {
 // then finish. Without the abort the child, and the test, would wait for
 // ever.
 func TestStuckChildReleased(t *testing.T) {
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	b := &blockingBackend{
 		memBackend: newMemBackend(1 << 20),
 		armed:      make(chan struct{}),

@@ -11,35 +11,17 @@ import (
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
-
-// faultTmpfs mounts a tmpfs of the given size ("8m") on a fresh directory
-// and unmounts it when the test ends; register everything that uses it
-// after this call. Without the privilege to mount the test is skipped,
-// except under CI=true.
-func faultTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
-		unavailable(t, "cannot mount a size-limited tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount tmpfs %s: %v", dir, err)
-			_ = unix.Unmount(dir, unix.MNT_DETACH)
-		}
-	})
-	return dir
-}
 
 // faultMount mounts b and returns the mount, the open disk file and a
 // function that closes the file and unmounts (also run when the test ends,
 // if the test did not).
 func faultMount(t *testing.T, b blockif.Device) (*Mount, *os.File, func()) {
 	t.Helper()
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	m, err := New(t.TempDir(), b, &Options{Name: "disk"})
 	if err != nil {
 		t.Fatalf("mount: %v", err)
@@ -73,8 +55,8 @@ func TestDiskFullFUSE(t *testing.T) {
 		perChk = chunk / ss
 		size   = 64 << 20
 	)
-	needFUSE(t)
-	dir := faultTmpfs(t, "8m")
+	testutil.NeedFUSE(t)
+	dir := testutil.FaultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
 	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)

@@ -11,44 +11,19 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
-
-// unavailable skips the test, or fails it under CI=true where every
-// prerequisite must be present.
-func unavailable(t testing.TB, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("CI=true but "+format, args...)
-	}
-	t.Skipf(format, args...)
-}
-
-// needFUSE checks that /dev/fuse can be opened and we may mount.
-func needFUSE(t testing.TB) {
-	t.Helper()
-	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
-	if err != nil {
-		unavailable(t, "no FUSE: %v", err)
-	}
-	f.Close()
-}
 
 // needTools checks that the named programs exist (sbin included) and that
 // we are root (loop devices and mount(8) need it).
 func needTools(t testing.TB, names ...string) {
 	t.Helper()
 	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			if _, err2 := os.Stat("/usr/sbin/" + n); err2 != nil {
-				unavailable(t, "%s not installed: %v", n, err)
-			}
-		}
+		testutil.NeedTool(t, n)
 	}
-	if os.Geteuid() != 0 {
-		unavailable(t, "needs root for loop devices and mount")
-	}
+	testutil.NeedRoot(t)
 }
 
 // command is exec.Command with the sbin directories on PATH.
@@ -70,7 +45,7 @@ func run(t testing.TB, name string, args ...string) string {
 // mountT mounts b at a fresh directory and unmounts it when the test ends.
 func mountT(t testing.TB, b blockif.Device, o *Options) *Mount {
 	t.Helper()
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	if o == nil {
 		o = &Options{}
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
@@ -235,7 +236,7 @@ func TestSparseCopy(t *testing.T) {
 // TestExt4 puts a real file system on the mounted file through a loop
 // device, checks it with e2fsck, remounts everything and verifies the data.
 func TestExt4(t *testing.T) {
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	needTools(t, "losetup", "mkfs.ext4", "e2fsck", "mount", "umount")
 	const size = 256 << 20
 	path := newImage(t, size, 4<<20, 4096, lut.Xhyve)
@@ -316,7 +317,7 @@ func losetup(t *testing.T, file string) string {
 	t.Helper()
 	out, err := command("losetup", "-f", "--show", file).CombinedOutput()
 	if err != nil {
-		unavailable(t, "losetup: %v: %s", err, out)
+		testutil.Unavailable(t, "losetup: %v: %s", err, out)
 	}
 	dev := string(bytes.TrimSpace(out))
 	t.Cleanup(func() { command("losetup", "-d", dev).Run() })
@@ -328,11 +329,8 @@ func detach(t *testing.T, dev string) {
 	run(t, "losetup", "-d", dev)
 	// Detach is asynchronous; wait until the backing file is released so
 	// that the FUSE unmount does not find the file busy.
-	for range 100 {
+	testutil.WaitFor(t, dev+" to release its backing file", func() bool {
 		out, _ := command("losetup", "-l", "-n", "-O", "BACK-FILE", dev).Output()
-		if len(bytes.TrimSpace(out)) == 0 {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return len(bytes.TrimSpace(out)) == 0
+	})
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
@@ -77,15 +78,13 @@ func TestNewErrors(t *testing.T) {
 func statBlocks(t *testing.T, path string, cond func(int64) bool) int64 {
 	t.Helper()
 	var st unix.Stat_t
-	for i := 0; ; i++ {
+	_ = testutil.Await(testutil.WaitTimeout, func() bool {
 		if err := unix.Stat(path, &st); err != nil {
 			t.Fatal(err)
 		}
-		if cond(st.Blocks*512) || i == 30 {
-			return st.Blocks * 512
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return cond(st.Blocks * 512)
+	})
+	return st.Blocks * 512 // the caller judges a value that never matched
 }
 
 func TestFileSemantics(t *testing.T) {
@@ -371,28 +370,10 @@ func TestParallelIO(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent writers.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestCloseSendsNoFlush: the kernel is told (FOPEN_NOFLUSH) not to send a
 // FLUSH request on close, a request it would wait for uninterruptibly.
 func TestCloseSendsNoFlush(t *testing.T) {
-	var log syncBuffer
+	var log testutil.SyncBuffer
 	logger := slog.New(slog.NewTextHandler(&log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	m := mountT(t, newMemBackend(1<<20), &Options{Debug: true, Logger: logger})
 	for range 3 {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 	"golang.org/x/sys/unix"
 )
@@ -51,18 +52,16 @@ func statfsUsed(t *testing.T, dir string) int64 {
 // allocation after writeback), and returns both.
 func waitSpace(t *testing.T, m *Mount, path string) (blocks, files int64) {
 	t.Helper()
-	for i := 0; ; i++ {
+	_ = testutil.Await(testutil.WaitTimeout, func() bool {
 		files = imageFilesBytes(t, path)
 		var st unix.Stat_t
 		if err := unix.Stat(m.Path(), &st); err != nil {
 			t.Fatal(err)
 		}
 		blocks = st.Blocks * 512
-		if blocks == files || i == 40 {
-			return blocks, files
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return blocks == files
+	})
+	return blocks, files // the caller judges values that never matched
 }
 
 func heapInUse() uint64 {

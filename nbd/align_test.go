@@ -10,8 +10,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
 
@@ -89,13 +89,13 @@ print("ok")
 // device with 512-byte blocks over the nbdfuse file with mkfs.ext4 -b 1024
 // (no kernel I/O errors), and qemu-io byte-granular writes.
 func TestAnyAlignmentClients(t *testing.T) {
-	py := needPython(t)
-	nbdfuse := needTool(t, "nbdfuse")
-	qio := needTool(t, "qemu-io")
-	mkfs := needTool(t, "mkfs.ext4")
-	e2fsck := needTool(t, "e2fsck")
-	losetup := needTool(t, "losetup")
-	fusermount := needTool(t, "fusermount3")
+	py := testutil.NeedPython(t)
+	nbdfuse := testutil.NeedTool(t, "nbdfuse")
+	qio := testutil.NeedTool(t, "qemu-io")
+	mkfs := testutil.NeedTool(t, "mkfs.ext4")
+	e2fsck := testutil.NeedTool(t, "e2fsck")
+	losetup := testutil.NeedTool(t, "losetup")
+	fusermount := testutil.NeedTool(t, "fusermount3")
 	script := filepath.Join(t.TempDir(), "align.py")
 	if err := os.WriteFile(script, []byte(libnbdAlignScript), 0o644); err != nil {
 		t.Fatal(err)
@@ -123,7 +123,7 @@ func TestAnyAlignmentClients(t *testing.T) {
 			// nbdfuse: the export as a file; dd with 512-byte blocks.
 			mnt := t.TempDir()
 			fuse := exec.Command(nbdfuse, mnt, u)
-			var fuseOut bytes.Buffer
+			var fuseOut testutil.SyncBuffer
 			fuse.Stdout, fuse.Stderr = &fuseOut, &fuseOut
 			if err := fuse.Start(); err != nil {
 				t.Fatal(err)
@@ -144,13 +144,11 @@ func TestAnyAlignmentClients(t *testing.T) {
 				}
 			}
 			t.Cleanup(unmount)
-			for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-				if st, err := os.Stat(file); err == nil && st.Size() == 64*mib {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("nbdfuse did not show %s\n%s", file, &fuseOut)
-				}
+			if err := testutil.Await(testutil.WaitTimeout, func() bool {
+				st, err := os.Stat(file)
+				return err == nil && st.Size() == 64*mib
+			}); err != nil {
+				t.Fatalf("nbdfuse did not show %s: %v\n%s", file, err, &fuseOut)
 			}
 			src := filepath.Join(t.TempDir(), "src")
 			os.WriteFile(src, pattern(512, 7), 0o644)

@@ -15,51 +15,9 @@ import (
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
 	"github.com/sparsedisk/sparsedisk/internal/stamp"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
-	"golang.org/x/sys/unix"
 )
-
-// lockedBuffer is a bytes.Buffer safe for the server's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// faultTmpfs mounts a tmpfs of the given size (mount(8) syntax, "8m") on a
-// fresh directory and unmounts it when the test ends; register everything
-// that uses it after this call, so it is closed first. Without the
-// privilege to mount the test is skipped, except under CI=true where that
-// is a failure.
-func faultTmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
-		msg := fmt.Sprintf("cannot mount a size-limited tmpfs on %s: %v", dir, err)
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI=true but %s", msg)
-		}
-		t.Skip(msg)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount tmpfs %s: %v", dir, err)
-			_ = unix.Unmount(dir, unix.MNT_DETACH)
-		}
-	})
-	return dir
-}
 
 // faultServe serves exps until the returned stop is called (or the test
 // ends); stop checks that the server shut down cleanly.
@@ -114,7 +72,7 @@ func TestDiskFullNBD(t *testing.T) {
 		perChk = chunk / ss
 		size   = 64 << 20 // far more than the 8 MiB tmpfs holds
 	)
-	dir := faultTmpfs(t, "8m")
+	dir := testutil.FaultTmpfs(t, "8m")
 	path := filepath.Join(dir, "disk.img")
 	if err := blockif.Create(path, format.Params{Layout: format.LayoutSparse, Size: size, Split: 4 << 20, SectorSize: ss}, nil); err != nil {
 		t.Fatal(err)
@@ -354,7 +312,7 @@ func TestReadEIONBD(t *testing.T) {
 		}
 		return nil
 	})
-	logs := &lockedBuffer{}
+	logs := &testutil.SyncBuffer{}
 	_, addr := startServer(t, Config{Logger: slog.New(slog.NewTextHandler(logs, nil))}, Export{Name: "disk", Backend: d})
 	c := dial(t, addr)
 	c.connect("disk", connectOpts{})

@@ -18,37 +18,9 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
-
-// needTool returns the path of a peer tool. A missing tool skips the test,
-// except under CI=true, where the tools are installed on purpose and a
-// missing one is a failure.
-func needTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("peer tool %s missing under CI=true: %v", name, err)
-	}
-	t.Skipf("peer tool %s not installed (apt-get install qemu-utils libnbd-bin python3-libnbd)", name)
-	return ""
-}
-
-// needPython returns /usr/bin/python3 if it has the libnbd bindings.
-func needPython(t testing.TB) string {
-	t.Helper()
-	py := "/usr/bin/python3"
-	if err := exec.Command(py, "-c", "import nbd").Run(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("python3 nbd module missing under CI=true: %v", err)
-		}
-		t.Skipf("python3-libnbd not installed: %v", err)
-	}
-	return py
-}
 
 // newImage creates a sparse blockif image (LUT kind kind) in a temporary directory, opens
 // it, and registers cleanups that close it and then fail the test on any
@@ -115,7 +87,7 @@ const (
 // whose 1 MiB segments make I/O straddle segment boundaries.
 func TestQemuIO(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind lut.Kind) {
-		qio := needTool(t, "qemu-io")
+		qio := testutil.NeedTool(t, "qemu-io")
 		for _, sector := range []int64{512, 4096} {
 			t.Run(fmt.Sprintf("sector%d", sector), func(t *testing.T) {
 				d := newImage(t, 64*mib, mib, sector, false, kind)
@@ -176,7 +148,7 @@ func TestQemuIO(t *testing.T) {
 
 // TestQemuImg: info, convert in and out, compare and map against nbd://.
 func TestQemuImg(t *testing.T) {
-	qimg := needTool(t, "qemu-img")
+	qimg := testutil.NeedTool(t, "qemu-img")
 	d := newImage(t, 32*mib, mib, 4096, false, lut.Xhyve)
 	_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d})
 	u := uri(addr, "disk")
@@ -244,7 +216,7 @@ func TestQemuImg(t *testing.T) {
 // and --can/--is for every advertised flag.
 func TestNbdinfo(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind lut.Kind) {
-		ni := needTool(t, "nbdinfo")
+		ni := testutil.NeedTool(t, "nbdinfo")
 		big := newImage(t, 20*gib, gib, 4096, false, kind)
 		ro := newImage(t, 16*mib, mib, 4096, true, kind)
 		_, addr := startServer(t, Config{},
@@ -335,7 +307,7 @@ func TestNbdinfo(t *testing.T) {
 // TestNbdcopy copies 256 MiB of random data into an export and back out,
 // with one and with four connections (multi-conn).
 func TestNbdcopy(t *testing.T) {
-	nc := needTool(t, "nbdcopy")
+	nc := testutil.NeedTool(t, "nbdcopy")
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")
 	buf := make([]byte, 256*mib)
@@ -470,7 +442,7 @@ print("ok")
 
 func TestLibnbd(t *testing.T) {
 	forEachKind(t, func(t *testing.T, kind lut.Kind) {
-		py := needPython(t)
+		py := testutil.NeedPython(t)
 		d := newImage(t, 64*mib, mib, 4096, false, kind)
 		ro := newImage(t, 16*mib, mib, 4096, true, kind)
 		_, addr := startServer(t, Config{}, Export{Name: "disk", Backend: d}, Export{Name: "ro", Backend: ro})
@@ -487,7 +459,7 @@ func TestLibnbd(t *testing.T) {
 // RSA (the common case, which Go's TLS 1.3 certificate request made GnuTLS
 // withhold; see ServerTLSConfig).
 func TestLibnbdTLS(t *testing.T) {
-	py := needPython(t)
+	py := testutil.NeedPython(t)
 	script := filepath.Join(t.TempDir(), "tls.py")
 	os.WriteFile(script, []byte(libnbdTLSScript), 0o644)
 	for _, c := range []struct {

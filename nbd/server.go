@@ -564,6 +564,7 @@ type flusher struct {
 	running   bool
 	errGen    uint64 // generation of the last failed flush
 	err       error  // its error
+	waiting   int    // callers waiting for a running flush (tests observe it)
 }
 
 // Flush returns once a backend flush that began after this call finished.
@@ -578,7 +579,9 @@ func (f *flusher) Flush() error {
 	want := f.started + 1
 	for f.completed < want {
 		if f.running {
+			f.waiting++
 			f.cond.Wait()
+			f.waiting--
 			continue
 		}
 		f.running = true

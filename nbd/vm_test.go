@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/internal/vmtest"
 	"github.com/sparsedisk/sparsedisk/lut"
 )
@@ -56,16 +57,13 @@ func TestVMOnExport(t *testing.T) {
 	if testing.Short() {
 		t.Skip("VM boot skipped in -short mode")
 	}
-	qemu := needTool(t, "qemu-system-x86_64")
-	mkfs := needTool(t, "mkfs.ext4")
-	e2fsck := needTool(t, "e2fsck")
-	debugfs := needTool(t, "debugfs")
+	qemu := testutil.NeedTool(t, "qemu-system-x86_64")
+	mkfs := testutil.NeedTool(t, "mkfs.ext4")
+	e2fsck := testutil.NeedTool(t, "e2fsck")
+	debugfs := testutil.NeedTool(t, "debugfs")
 	kernel, modDir, err := vmtest.Kernel()
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(err)
-		}
-		t.Skip(err)
+		testutil.Unavailable(t, "%v", err)
 	}
 	files, err := vmtest.Base(vmInit, modDir, strings.Fields("virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk crc16 mbcache jbd2 crc32c_generic ext4")...)
 	if err != nil {

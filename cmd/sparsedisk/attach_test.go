@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sparsedisk/sparsedisk/blockif"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/internal/vmtest"
 	"github.com/sparsedisk/sparsedisk/nbd"
 )
@@ -205,13 +206,10 @@ var attachCases = []string{"s4096", "s4096-lbs512", "s512", "s4096-strict"}
 // a static sparsedisk binary and the host's mkfs.ext4 and e2fsck in the
 // initramfs, and runs attachGuestInit there.
 func attachInVM(t *testing.T) {
-	qemu := peerTool(t, "qemu-system-x86_64")
+	qemu := testutil.NeedTool(t, "qemu-system-x86_64")
 	kernel, modDir, err := vmtest.Kernel()
 	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(err)
-		}
-		t.Skip(err)
+		testutil.Unavailable(t, "%v", err)
 	}
 	tmp := t.TempDir()
 	bin := filepath.Join(tmp, "sparsedisk")
@@ -230,7 +228,7 @@ func attachInVM(t *testing.T) {
 	}
 	files = append(files, vmtest.File{Name: "bin/sparsedisk", Mode: 0o100755, Data: data})
 	for _, tool := range []string{"mkfs.ext4", "e2fsck"} {
-		fs, err := vmtest.Binary(peerTool(t, tool))
+		fs, err := vmtest.Binary(testutil.NeedTool(t, tool))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -289,27 +287,30 @@ func attachInVM(t *testing.T) {
 
 // attachChild runs `sparsedisk attach IMAGE DEV` as a child process and
 // waits until it reports the device attached.
-func attachChild(t *testing.T, img, dev string) (*exec.Cmd, string, *syncBuffer) {
+func attachChild(t *testing.T, img, dev string) (*exec.Cmd, string, *testutil.SyncBuffer) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$", "--", "attach", img, dev)
-	cmd.Env = append(os.Environ(), "SPARSEDISK_HELPER=1")
-	stdout, stderr := &syncBuffer{}, &syncBuffer{}
+	cmd := testutil.ChildCommand(childSparsedisk, nil, "attach", img, dev)
+	stdout, stderr := &testutil.SyncBuffer{}, &testutil.SyncBuffer{}
 	cmd.Stdout, cmd.Stderr = stdout, stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
+			// Detach gracefully; kill only if it does not exit.
 			cmd.Process.Signal(syscall.SIGTERM)
-			time.Sleep(time.Second)
-			cmd.Process.Kill()
-			cmd.Wait()
+			exited := make(chan struct{})
+			go func() { cmd.Wait(); close(exited) }()
+			select {
+			case <-exited:
+			case <-time.After(testutil.WaitTimeout):
+				cmd.Process.Kill()
+				<-exited
+			}
 		}
 	})
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stdout.String(), "attached"); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("attach did not report success\nstderr:\n%s", stderr)
-		}
+	if err := testutil.Await(testutil.WaitTimeout, func() bool { return strings.Contains(stdout.String(), "attached") }); err != nil {
+		t.Fatalf("attach did not report success: %v\nstderr:\n%s", err, stderr)
 	}
 	return cmd, stdout.String(), stderr
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,27 +18,10 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/vfs"
 	"golang.org/x/sys/unix"
 )
-
-// skipOrFail skips when a prerequisite is missing, but fails under CI=true.
-func skipOrFail(t *testing.T, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("CI=true but "+format, args...)
-	}
-	t.Skipf(format, args...)
-}
-
-func needFUSE(t *testing.T) {
-	t.Helper()
-	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
-	if err != nil {
-		skipOrFail(t, "no FUSE: %v", err)
-	}
-	f.Close()
-}
 
 var (
 	binOnce sync.Once
@@ -79,7 +63,19 @@ func runBinary(t *testing.T, limit time.Duration, args ...string) (string, error
 	return string(out), err
 }
 
+// childSparsedisk is the role of a test binary re-executed as the
+// sparsedisk command (testutil.ChildCommand), for tests that need a real
+// process they can signal.
+const childSparsedisk = "sparsedisk"
+
 func TestMain(m *testing.M) {
+	if testutil.ChildRole() == childSparsedisk {
+		if os.Getenv("SPARSEDISK_HELPER_SETPID") == "1" {
+			// Socket activation: systemd sets LISTEN_PID after fork; do it here.
+			os.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
+		}
+		os.Exit(run(append([]string{"sparsedisk"}, testutil.ChildArgs()...), os.Stdout, os.Stderr))
+	}
 	code := m.Run()
 	if binPath != "" {
 		os.RemoveAll(filepath.Dir(binPath))
@@ -105,27 +101,9 @@ func testImage(t *testing.T) string {
 	return path
 }
 
-// mountLog is a bytes.Buffer safe to read while a child process writes it.
-type mountLog struct {
-	mu sync.Mutex // protects b
-	b  bytes.Buffer
-}
-
-func (s *mountLog) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *mountLog) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 type mountProc struct {
 	cmd    *exec.Cmd
-	stderr *mountLog
+	stderr *testutil.SyncBuffer
 	dir    string
 	file   string
 	done   chan error
@@ -135,7 +113,7 @@ type mountProc struct {
 // file to appear. The test's cleanup stops it and unmounts if needed.
 func startMount(t *testing.T, image string, args ...string) *mountProc {
 	t.Helper()
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	dir := t.TempDir()
 	name := filepath.Base(image)
 	for i, a := range args {
@@ -143,7 +121,7 @@ func startMount(t *testing.T, image string, args ...string) *mountProc {
 			name = args[i+1]
 		}
 	}
-	p := &mountProc{dir: dir, file: filepath.Join(dir, name), stderr: &mountLog{}, done: make(chan error, 1)}
+	p := &mountProc{dir: dir, file: filepath.Join(dir, name), stderr: &testutil.SyncBuffer{}, done: make(chan error, 1)}
 	p.cmd = exec.Command(binary(t), append([]string{"mount", image, dir}, args...)...)
 	p.cmd.Stderr = p.stderr
 	if err := p.cmd.Start(); err != nil {
@@ -320,11 +298,8 @@ func TestMountSignalWhileOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.cmd.Process.Signal(syscall.SIGTERM)
-	for i := 0; !strings.Contains(p.stderr.String(), "unmount failed"); i++ {
-		if i > 500 {
-			t.Fatalf("SIGTERM with the file open did not report the failed unmount\n%s", p.stderr)
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := testutil.Await(testutil.WaitTimeout, func() bool { return strings.Contains(p.stderr.String(), "unmount failed") }); err != nil {
+		t.Fatalf("SIGTERM with the file open did not report the failed unmount: %v\n%s", err, p.stderr)
 	}
 	p.cmd.Process.Kill()
 	p.wait(t)
@@ -347,7 +322,7 @@ func TestMountReadOnly(t *testing.T) {
 }
 
 func TestMountErrors(t *testing.T) {
-	needFUSE(t)
+	testutil.NeedFUSE(t)
 	image := testImage(t)
 	_, errOut, code := sdRun(t, "mount", image, filepath.Join(t.TempDir(), "missing"))
 	if code == 0 || !strings.Contains(errOut, "mount point") {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"github.com/sparsedisk/sparsedisk/nbd"
 )
 
@@ -262,20 +263,25 @@ func TestConcurrent(t *testing.T) {
 func TestClose(t *testing.T) {
 	addr := serve(t, nbd.Config{}, 8<<20)
 	c := dial(t, addr, "disk")
-	// Requests in flight when Close is called are answered first.
+	// Requests in flight when Close is called are answered first: every
+	// one of them succeeds and its data is on the disk.
 	var wg sync.WaitGroup
 	results := make([]error, 8)
 	for i := range results {
-		wg.Go(func() { _, results[i] = c.WriteAt(fill(64<<10, byte(i)), int64(i)<<16) })
+		wg.Go(func() { _, results[i] = c.WriteAt(fill(64<<10, byte(i+1)), int64(i)<<16) })
 	}
-	time.Sleep(time.Millisecond)
+	testutil.WaitFor(t, "8 writes in flight", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.cookie == uint64(len(results)) // each registered before it is sent
+	})
 	if err := c.Close(); err != nil {
 		t.Fatalf("close: %v", err)
 	}
 	wg.Wait()
 	for i, err := range results {
-		if err != nil && !errors.Is(err, ErrClosed) {
-			t.Errorf("write %d around Close: %v", i, err)
+		if err != nil {
+			t.Errorf("write %d in flight at Close: %v", i, err)
 		}
 	}
 	if _, err := c.ReadAt(make([]byte, sector), 0); !errors.Is(err, ErrClosed) {
@@ -287,10 +293,17 @@ func TestClose(t *testing.T) {
 	if err := c.Close(); err != nil {
 		t.Errorf("second close: %v", err)
 	}
-	// The server saw a clean disconnect: a new connection works.
+	// The server saw a clean disconnect: a new connection works and
+	// reads what the writes in flight wrote.
 	c2 := dial(t, addr, "disk")
-	if err := c2.Flush(); err != nil {
-		t.Error(err)
+	for i := range results {
+		got := make([]byte, 64<<10)
+		if _, err := c2.ReadAt(got, int64(i)<<16); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, fill(64<<10, byte(i+1))) {
+			t.Errorf("write %d, answered before Close, is not on the disk", i)
+		}
 	}
 }
 
@@ -358,30 +371,30 @@ func reply(nc net.Conn, magic, errno uint32, cookie uint64) {
 // out of order reach the right callers.
 func TestBrokenServer(t *testing.T) {
 	t.Run("out of order", func(t *testing.T) {
+		// The server answers the second request it reads first; a
+		// FLUSH fails with EIO, a TRIM succeeds. Each caller must get
+		// its own request's answer, whichever was sent first.
 		c := fakeServer(t, func(nc net.Conn) {
-			_, c1, _ := readRequest(nc)
-			_, c2, _ := readRequest(nc)
-			reply(nc, magicSimpleReply, 0, c2)
-			reply(nc, magicSimpleReply, 5, c1)
+			errno := func(typ uint16) uint32 {
+				if typ == cmdFlush {
+					return 5 // EIO
+				}
+				return 0
+			}
+			t1, c1, _ := readRequest(nc)
+			t2, c2, _ := readRequest(nc)
+			reply(nc, magicSimpleReply, errno(t2), c2)
+			reply(nc, magicSimpleReply, errno(t1), c1)
 			readRequest(nc) // DISC
 		})
-		errs := make(chan error, 2)
-		go func() { errs <- c.Flush() }()
-		time.Sleep(20 * time.Millisecond)
-		go func() { errs <- c.Trim(0, sector) }()
-		var eio, ok int
-		for range 2 {
-			switch err := <-errs; {
-			case err == nil:
-				ok++
-			case errors.Is(err, syscall.EIO):
-				eio++
-			default:
-				t.Errorf("unexpected %v", err)
-			}
+		flushErr, trimErr := make(chan error, 1), make(chan error, 1)
+		go func() { flushErr <- c.Flush() }()
+		go func() { trimErr <- c.Trim(0, sector) }()
+		if err := <-flushErr; !errors.Is(err, syscall.EIO) {
+			t.Errorf("flush: %v, want EIO (its own reply)", err)
 		}
-		if ok != 1 || eio != 1 {
-			t.Errorf("%d successes, %d EIO; want one each", ok, eio)
+		if err := <-trimErr; err != nil {
+			t.Errorf("trim: %v, want success (its own reply)", err)
 		}
 	})
 	t.Run("unknown cookie", func(t *testing.T) {
