@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"io/fs"
 	"os"
 
@@ -62,7 +63,7 @@ func WriteJournal(fsys vfs.FS, path string, i int, e []uint32) error {
 // readJournal returns the committed segment and entries, or ok=false if
 // there is no valid journal.
 func readJournal(fsys vfs.FS, path string, p Params) (seg int, e []uint32, ok bool, err error) {
-	data, err := readAll(fsys, JournalName(path))
+	data, err := ReadFile(fsys, JournalName(path))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return 0, nil, false, nil
@@ -88,8 +89,9 @@ func readJournal(fsys vfs.FS, path string, p Params) (seg int, e []uint32, ok bo
 	return seg, lut.Xhyve.DecodeEntries(data[16 : len(data)-4]), true, nil
 }
 
-// readAll reads a whole file.
-func readAll(fsys vfs.FS, name string) ([]byte, error) {
+// ReadFile reads a whole file through fsys; a read shorter than the
+// file's size is an error.
+func ReadFile(fsys vfs.FS, name string) ([]byte, error) {
 	f, err := fsys.OpenFile(name, os.O_RDONLY, 0)
 	if err != nil {
 		return nil, err
@@ -100,11 +102,14 @@ func readAll(fsys vfs.FS, name string) ([]byte, error) {
 		return nil, err
 	}
 	buf := make([]byte, size)
-	n, err := f.ReadAt(buf, 0)
-	if n == len(buf) {
-		err = nil
+	got, err := f.ReadAt(buf, 0)
+	if int64(got) == size {
+		return buf, nil
 	}
-	return buf[:n], err
+	if err == nil {
+		err = io.ErrUnexpectedEOF
+	}
+	return nil, fmt.Errorf("read %s: %w", name, err)
 }
 
 // RedoSegment finishes a committed segment i: the compacted copy (if still

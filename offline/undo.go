@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 
@@ -72,7 +71,7 @@ func newUndo(fsys vfs.FS, path string) (*undoLog, error) {
 		return nil, fmt.Errorf("write undo log %s: %w", u.name, err)
 	}
 	u.off = int64(len(undoMagic))
-	desc, err := readWhole(fsys, path)
+	desc, err := format.ReadFile(fsys, path)
 	if err == nil {
 		err = u.add(undoOp{Op: "descriptor", File: path}, desc)
 	}
@@ -193,7 +192,7 @@ func Undo(path string, o *blockif.Options) (*UndoReport, error) {
 		return nil, err
 	}
 	defer lock.Close()
-	raw, err := readWhole(fsys, name)
+	raw, err := format.ReadFile(fsys, name)
 	if err != nil {
 		return nil, err
 	}
@@ -271,26 +270,4 @@ func applyUndo(fsys vfs.FS, op undoOp, data []byte) error {
 		return f.Sync()
 	}
 	return fmt.Errorf("unknown undo record %q", op.Op)
-}
-
-// readWhole reads a whole file.
-func readWhole(fsys vfs.FS, name string) ([]byte, error) {
-	f, err := fsys.OpenFile(name, os.O_RDONLY, 0)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	size, err := f.Size()
-	if err != nil {
-		return nil, err
-	}
-	buf := make([]byte, size)
-	got, err := f.ReadAt(buf, 0)
-	if int64(got) == size {
-		return buf, nil
-	}
-	if err == nil {
-		err = io.ErrUnexpectedEOF
-	}
-	return nil, fmt.Errorf("read %s: %w", name, err)
 }
