@@ -44,6 +44,12 @@ type Options struct {
 	// harness still finds lost flushed writes with it (FORMAT.md 7.8);
 	// serve and mount start it only with the hidden --experimental-compact.
 	Compact bool
+	// ReuseSlots hands freed slots out again (FORMAT.md 7.8) instead of
+	// appending every new slot. Experimental and off by default: the
+	// SIGKILL harness (SPARSEDISK_KILL_REUSE=1 go test -run
+	// TestKillCrashNBD ./cmd/sparsedisk/) still finds flushed writes
+	// reading back as zeros with it. Compact implies it.
+	ReuseSlots bool
 	// CompactInterval is how often the compactor looks at the segments
 	// when nothing wakes it earlier (a Flush that made slots reusable
 	// does); 0 means one second.
@@ -76,6 +82,7 @@ type Disk struct {
 	desc     format.Descriptor
 	readOnly bool
 	sync     bool
+	reuse    bool // Options.ReuseSlots or Options.Compact
 	log      *slog.Logger
 	lock     *format.ImageLock // on the descriptor (or raw file); moves with rewrites
 
@@ -281,6 +288,7 @@ func Open(path string, o *Options) (*Disk, error) {
 		}
 		return nil, err
 	}
+	d.reuse = o != nil && (o.ReuseSlots || o.Compact)
 	if o != nil && o.Compact && !d.readOnly && d.desc.Layout == format.LayoutSparse {
 		d.compactor = startCompactor(d, o.CompactInterval)
 	}

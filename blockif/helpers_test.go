@@ -60,9 +60,16 @@ func mustCheck(t testing.TB, path string, fsys vfs.FS, allowLeaks bool) *Report 
 	return r
 }
 
+// The engine's tests run with slot reuse on (it is off by default until the
+// SIGKILL harness passes with it), so the reuse code stays exercised.
 func mustOpen(t testing.TB, path string, o *Options) *Disk {
 	t.Helper()
-	d, err := Open(path, o)
+	var oo Options
+	if o != nil {
+		oo = *o
+	}
+	oo.ReuseSlots = true
+	d, err := Open(path, &oo)
 	if err != nil {
 		t.Fatalf("Open(%s): %v", path, err)
 	}

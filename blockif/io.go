@@ -157,11 +157,12 @@ func (d *Disk) allocSlots(s *segState, j0 int64, want []bool, slots []uint32, sr
 		if !want[k] {
 			continue
 		}
-		if v, ok := s.takePending(j0 + int64(k)); ok {
+		if !d.reuse {
+			// Append-only (see Options.ReuseSlots).
+		} else if v, ok := s.takePending(j0 + int64(k)); ok {
 			slots[k], src[k] = uint32(v), fromPending
 			continue
-		}
-		if v, ok := s.free.pop(); ok {
+		} else if v, ok := s.free.pop(); ok {
 			stats.count(transReused)
 			slots[k], src[k] = uint32(v), fromFree
 			continue

@@ -340,7 +340,7 @@ func TestKillCrashFUSE(t *testing.T) {
 	}
 	t.Logf("%d rounds in %v: %d writes and punches sent (%d acknowledged), %d fsyncs completed, %d SIGKILLs, %d stale mounts cleared by `sparsedisk umount`, %d non-zero sectors verified, check: %d corruptions, %d leaked slots, %d compactor log lines; violations=%d",
 		rounds, time.Since(start).Round(time.Millisecond), totalWrites, totalAcked, totalFsyncs, rounds, staleUmounts, totalVerified, r.Corruptions, r.LeakedSlots, compactions, totalViolations)
-	if len(killCompactArgs()) > 0 && compactions == 0 {
+	if len(killCompactArgs()) > 1 && compactions == 0 {
 		t.Errorf("the compactor never moved or truncated anything in %d rounds", rounds)
 	}
 	testutil.Figure("TestKillCrashFUSE", "%d rounds, %d writes acknowledged, %d fsyncs, %d stale mounts cleared, %d sectors verified, %d violations",

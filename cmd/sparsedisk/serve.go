@@ -82,6 +82,7 @@ func compactFlags() []cli.Flag {
 		// passes with it: TestKillCrashNBD run with --experimental-compact
 		// finds acknowledged, flushed writes reading back as zeros.
 		&cli.BoolFlag{Name: "experimental-compact", Hidden: true, Usage: "run the background compactor (experimental: not yet safe against a killed server)"},
+		&cli.BoolFlag{Name: "experimental-reuse", Hidden: true, Usage: "hand freed slots out again (experimental: not yet safe against a killed server)"},
 		&cli.DurationFlag{Name: "compact-interval", Hidden: true, Value: time.Second, Usage: "how often the compactor looks for work when no flush wakes it"},
 	}
 }
@@ -89,7 +90,7 @@ func compactFlags() []cli.Flag {
 // engineOptions are the blockif options the serve and mount flags set.
 func engineOptions(c *cli.Context, ro bool, log *slog.Logger) *blockif.Options {
 	return &blockif.Options{ReadOnly: ro, Sync: c.Bool("sync"), Logger: log,
-		Compact: c.Bool("experimental-compact"), CompactInterval: c.Duration("compact-interval")}
+		Compact: c.Bool("experimental-compact"), ReuseSlots: c.Bool("experimental-reuse"), CompactInterval: c.Duration("compact-interval")}
 }
 
 // tlsFlags are shared by commands that serve NBD over the network.
