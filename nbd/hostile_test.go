@@ -29,6 +29,7 @@ import (
 
 	"github.com/sparsedisk/sparsedisk/blockif"
 	"github.com/sparsedisk/sparsedisk/format"
+	"github.com/sparsedisk/sparsedisk/internal/reqlog"
 	"github.com/sparsedisk/sparsedisk/internal/testutil"
 	"golang.org/x/sys/unix"
 )
@@ -494,11 +495,11 @@ func TestHostileGarbage(t *testing.T) {
 	wg.Wait()
 	errs.report(t)
 	// Every bad client is worth a warning, but not one line each: at most
-	// badClientLogsPerSecond per second of the attack (+1 for the partial
+	// reqlog.PerSecond per second of the attack (+1 for the partial
 	// window at each end).
 	secs := int(time.Since(start)/time.Second) + 2
-	if n := logs.count("nbd: handshake failed") + logs.count("nbd: dropping connection"); n == 0 || n > badClientLogsPerSecond*secs {
-		t.Errorf("%d warning lines for %d bad clients in %d s; want between 1 and %d", n, conns, secs-2, badClientLogsPerSecond*secs)
+	if n := logs.count("nbd: handshake failed") + logs.count("nbd: dropping connection"); n == 0 || n > reqlog.PerSecond*secs {
+		t.Errorf("%d warning lines for %d bad clients in %d s; want between 1 and %d", n, conns, secs-2, reqlog.PerSecond*secs)
 	}
 	rounds := checkServed(t, w, before)
 	m.finish()
@@ -1124,25 +1125,25 @@ func TestHostileExportNames(t *testing.T) {
 	c.expect(optGo, appendInfoRequest(nil, infoRequest{name: strings.Repeat("b", maxStringLen+1)}), repErrInvalid)
 }
 
-// TestLogLimiter: badClientLogsPerSecond lines per one-second window; the
+// TestLogLimiter: reqlog.PerSecond lines per one-second window; the
 // first line of a later window carries the count of those suppressed.
 func TestLogLimiter(t *testing.T) {
-	var l logLimiter
+	var l reqlog.Limiter
 	t0 := time.Unix(1000, 0)
-	for i := 0; i < badClientLogsPerSecond; i++ {
-		if ok, k := l.allow(t0.Add(time.Duration(i) * time.Millisecond)); !ok || k != 0 {
+	for i := 0; i < reqlog.PerSecond; i++ {
+		if ok, k := l.Allow(t0.Add(time.Duration(i) * time.Millisecond)); !ok || k != 0 {
 			t.Fatalf("line %d of the first window: allow = %v, %d", i, ok, k)
 		}
 	}
 	for i := 0; i < 7; i++ {
-		if ok, _ := l.allow(t0.Add(500 * time.Millisecond)); ok {
-			t.Fatalf("line %d past the limit was allowed", badClientLogsPerSecond+i)
+		if ok, _ := l.Allow(t0.Add(500 * time.Millisecond)); ok {
+			t.Fatalf("line %d past the limit was allowed", reqlog.PerSecond+i)
 		}
 	}
-	if ok, k := l.allow(t0.Add(1500 * time.Millisecond)); !ok || k != 7 {
+	if ok, k := l.Allow(t0.Add(1500 * time.Millisecond)); !ok || k != 7 {
 		t.Fatalf("first line of the next window: allow = %v, suppressed %d; want true, 7", ok, k)
 	}
-	if ok, k := l.allow(t0.Add(1600 * time.Millisecond)); !ok || k != 0 {
+	if ok, k := l.Allow(t0.Add(1600 * time.Millisecond)); !ok || k != 0 {
 		t.Fatalf("second line of the next window: allow = %v, suppressed %d; want true, 0", ok, k)
 	}
 }

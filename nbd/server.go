@@ -238,7 +238,7 @@ type Server struct {
 
 	// badClients limits the log lines of failed handshakes and dropped
 	// connections, which a hostile or broken client can cause at will.
-	badClients logLimiter
+	badClients reqlog.Limiter // rate-limits warnings about misbehaving clients
 	// failed limits the log lines of requests the images failed.
 	failed reqlog.Limiter
 
@@ -609,41 +609,12 @@ func discard(r io.Reader, n int64) error {
 	return err
 }
 
-// badClientLogsPerSecond is how many failed-handshake and dropped-connection
+// reqlog.PerSecond is how many failed-handshake and dropped-connection
 // lines are logged per second; the rest are counted and the count is
 // attached to the next line logged.
-const badClientLogsPerSecond = 10
-
-// logLimiter lets through at most badClientLogsPerSecond log lines per
-// one-second window. It is safe for concurrent use.
-type logLimiter struct {
-	mu         sync.Mutex // protects every field
-	window     time.Time  // start of the current window
-	n          int        // lines allowed in the window
-	suppressed int        // lines suppressed since the last allowed one
-}
-
-// allow reports whether a line may be logged now and, if so, how many were
-// suppressed before it.
-func (l *logLimiter) allow(now time.Time) (bool, int) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if now.Sub(l.window) >= time.Second {
-		l.window, l.n = now, 0
-	}
-	if l.n >= badClientLogsPerSecond {
-		l.suppressed++
-		return false, 0
-	}
-	l.n++
-	k := l.suppressed
-	l.suppressed = 0
-	return true, k
-}
-
 // warnBadClient logs a warning about a misbehaving client, rate-limited.
 func (s *Server) warnBadClient(log *slog.Logger, msg string, err error) {
-	ok, suppressed := s.badClients.allow(time.Now())
+	ok, suppressed := s.badClients.Allow(time.Now())
 	if !ok {
 		return
 	}

@@ -31,9 +31,9 @@ type Limiter struct {
 	suppressed int        // lines suppressed since the last one let through
 }
 
-// allow reports whether a line may be logged now and, if so, how many
+// Allow reports whether a line may be logged now and, if so, how many
 // were suppressed before it.
-func (l *Limiter) allow(now time.Time) (bool, int) {
+func (l *Limiter) Allow(now time.Time) (bool, int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if now.Sub(l.window) >= time.Second {
@@ -53,7 +53,7 @@ func (l *Limiter) allow(now time.Time) (bool, int) {
 // [off, off+length) of the image (backend: its Path names it, if it has
 // one) failed with errno and err.
 func (l *Limiter) Failed(log *slog.Logger, backend any, op string, off, length int64, errno syscall.Errno, err error) {
-	ok, suppressed := l.allow(time.Now())
+	ok, suppressed := l.Allow(time.Now())
 	if !ok {
 		return
 	}
